@@ -1,0 +1,1 @@
+"""Bundled YAML experiment configs and JSON model configs (installed as `mmssl.configs`)."""

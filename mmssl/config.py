@@ -1,0 +1,207 @@
+"""Experiment configuration: YAML files checked against a dataclass schema.
+
+Why a schema: a typo in a key (`train.setps`) must fail loudly instead of being ignored. Every
+section is a dataclass; `load_config` reads YAML, applies `a.b=value` overrides from the command
+line, and rejects unknown keys and values of the wrong type with a `UserError` naming the key.
+Sections owned by other modules (model, data, loss, heads, train) are declared here so one file
+shows the whole surface a user can set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from mmssl.errors import UserError
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Which dual encoder to build (see `mmssl.models.factory`)."""
+
+    name: str = "tiny-vit-64"          # open_clip model name, or a model config in configs/models/
+    pretrained: Optional[str] = None   # local weights file (open_clip format or mmssl checkpoint)
+    hf_text: Optional[str] = None      # local Hugging Face directory used as the text tower
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    grad_checkpointing: bool = False
+    patch_dropout: float = 0.0         # FLIP patch dropout for the contrastive branch (ViT only)
+
+
+@dataclass
+class DataConfig:
+    """Where shards come from and how they are read (see `mmssl.data`)."""
+
+    train: Optional[Union[str, list]] = None  # shard folder(s) with manifest.json, or brace patterns
+    train_weights: Optional[list] = None      # per-source sampling weights (implies resampled)
+    val: Optional[str] = None                 # labelled eval shards for periodic zero-shot eval
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    augment: bool = False                     # random resized crop instead of resize+center crop
+
+
+@dataclass
+class LossConfig:
+    """The objective: contrastive (clip or siglip) plus weighted auxiliary heads."""
+
+    kind: str = "clip"            # clip | siglip
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    mlm_weight: float = 0.0
+    inpaint_weight: float = 0.0
+
+
+@dataclass
+class MLMHeadConfig:
+    mask_prob: float = 0.15
+    replace_mask: float = 0.8
+    replace_random: float = 0.1
+
+
+@dataclass
+class InpaintHeadConfig:
+    mode: str = "separate"        # separate | shared (FLIP-style)
+    mask_ratio: float = 0.75
+    decoder_depth: int = 2
+    decoder_width: int = 128
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+    unmasked_tune_steps: int = 0  # shared mode: final steps trained on unmasked images
+
+
+@dataclass
+class HeadsConfig:
+    mlm: MLMHeadConfig = field(default_factory=MLMHeadConfig)
+    inpaint: InpaintHeadConfig = field(default_factory=InpaintHeadConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (see `mmssl.train`)."""
+
+    output: str = "runs/default"
+    steps: int = 300
+    batch_size: int = 128
+    accum_steps: int = 1          # micro-batches per step; the contrastive batch stays exact
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 30
+    grad_clip: Optional[float] = 1.0
+    precision: str = "fp32"       # fp32 | bf16
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    val_every: int = 0            # 0: no periodic zero-shot validation
+    resume: Optional[str] = None  # "latest" or a checkpoint path
+    tensorboard: bool = False
+    threads: int = 0              # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file as given, or one bundled in configs/ (`tiny.yaml` or just `tiny`)."""
+    candidates = [Path(path), BUNDLED_DIR / str(path), BUNDLED_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"config file not found: {path}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
+    """Read a YAML config (or defaults when path is None) and apply `a.b=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{file}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(ExperimentConfig, raw)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override must look like section.key=value, got {item!r}")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def from_dict(cls, data: Any, where: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config section {where or 'root'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(f"unknown config key: {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        values[name] = _coerce(hints[name], value, key)
+    return cls(**values)
+
+
+def _coerce(hint, value, key):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except UserError:
+                continue
+        raise UserError(f"bad value for {key}: {value!r}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, list, dict) and type(value) is hint:
+        return value
+    if hint is list and isinstance(value, tuple):
+        return list(value)
+    raise UserError(f"bad value for {key}: {value!r} (expected {getattr(hint, '__name__', hint)})")
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config (for checkpoints and metrics)."""
+    return dataclasses.asdict(config)
