@@ -1,0 +1,214 @@
+"""Build CLIP-style dual encoders the way open_clip does, from whatever the user has at hand.
+
+`create_model` accepts an open_clip model name (random init, never a download), a bundled model
+config (`configs/models/<name>.json`), a path to a model-config JSON, an `mmssl.config.ModelConfig`,
+or an mmssl checkpoint. The result is a plain open_clip `CLIP` / `CustomTextCLIP`, so exporting to
+open_clip is a matter of writing its state dict next to its model config (`mmssl.export`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from copy import deepcopy
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg
+
+from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
+from mmssl.errors import UserError
+from mmssl.models.hf_text import hf_text_cfg
+from mmssl.models.locking import apply_locking
+from mmssl.models.tokenizers import build_tokenizer
+
+MODEL_CONFIG_DIR = BUNDLED_DIR / "models"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+OPENCLIP_PREFIX = "openclip:"
+
+
+def list_models() -> list[str]:
+    """Bundled model configs first, then every architecture open_clip knows."""
+    bundled = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
+    return bundled + [name for name in open_clip.list_models() if name not in bundled]
+
+
+def create_model(config_or_name: Any, *, siglip: bool = False, **overrides) -> torch.nn.Module:
+    """Dual encoder with `encode_image`, `encode_text`, `logit_scale` (log-space) and `tokenizer`.
+
+    `overrides` are `ModelConfig` fields (e.g. `lock_image=True`, `patch_dropout=0.5`).
+    `siglip=True` adds the learnable `logit_bias` SigLIP needs (init -10, logit scale init log 10,
+    as in open_clip's SigLIP configs). A checkpoint
+    path (`.pt`) rebuilds the model from the checkpoint's `config["model"]`, loads its `model` state
+    dict, ignores auxiliary `heads`, and returns it in eval mode. `"openclip:NAME[:WEIGHTS]"` builds
+    open_clip's NAME with optional local open_clip-format weights.
+    """
+    if isinstance(config_or_name, ModelConfig):
+        return build_model(_with_overrides(config_or_name, overrides), siglip=siglip)
+    if isinstance(config_or_name, (str, Path)):
+        source = str(config_or_name)
+        if source.startswith(OPENCLIP_PREFIX):
+            name, _, weights = source[len(OPENCLIP_PREFIX):].partition(":")
+            model_cfg = ModelConfig(name=name, pretrained=weights or None)
+            return build_model(_with_overrides(model_cfg, overrides), siglip=siglip)
+        if Path(source).suffix in CHECKPOINT_SUFFIXES:
+            return load_checkpoint_model(source, **overrides)
+        return build_model(_with_overrides(ModelConfig(name=source), overrides), siglip=siglip)
+    raise UserError(f"cannot build a model from {type(config_or_name).__name__}: give a name, a ModelConfig or a path")
+
+
+def load_checkpoint_model(path: str | Path, **overrides) -> torch.nn.Module:
+    """The dual encoder saved in an mmssl checkpoint, in eval mode (auxiliary heads are dropped)."""
+    checkpoint = read_checkpoint(path)
+    model_cfg = from_dict(ModelConfig, checkpoint["config"].get("model", {}), "model")
+    model_cfg = _with_overrides(dataclasses.replace(model_cfg, pretrained=None), overrides)
+    model = build_model(model_cfg, load_weights=False, siglip="logit_bias" in checkpoint["model"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """An mmssl checkpoint dict (`model`, `config`, ...), with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        # our own format also holds optimizer state and RNG states, which weights_only rejects
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint):
+        raise UserError(f"{path}: not an mmssl checkpoint (expected keys 'model' and 'config')")
+    return checkpoint
+
+
+def build_model(model_cfg: ModelConfig, load_weights: bool = True, siglip: bool = False) -> torch.nn.Module:
+    """Instantiate the architecture, load `pretrained` weights if asked, then lock / checkpoint.
+
+    `load_weights=False` skips both `pretrained` and the Hugging Face tower's own weights: the
+    caller is about to load a full state dict anyway.
+    """
+    name, oc_cfg = resolve_model_config(model_cfg, hf_weights=load_weights)
+    if siglip and "init_logit_bias" not in oc_cfg:
+        oc_cfg.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    model = _instantiate(name, oc_cfg)
+    if load_weights and model_cfg.pretrained:
+        load_pretrained(model, model_cfg.pretrained)
+    apply_locking(model, model_cfg)
+    if model_cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.tokenizer = build_tokenizer(oc_cfg["text_cfg"])
+    model.model_name = name
+    model.model_config = model_cfg
+    model.open_clip_config = export_model_config(oc_cfg)
+    return model
+
+
+def resolve_model_config(model_cfg: ModelConfig, hf_weights: bool = True) -> tuple[str, dict]:
+    """(name, open_clip model config dict) with `hf_text` and `patch_dropout` applied."""
+    name, oc_cfg = _lookup_model_config(model_cfg.name)
+    if "multimodal_cfg" in oc_cfg:
+        raise UserError(f"model {name}: captioning (CoCa) models are not dual encoders; pick a CLIP model")
+    if model_cfg.hf_text:
+        oc_cfg["text_cfg"] = hf_text_cfg(model_cfg.hf_text, oc_cfg["text_cfg"], load_weights=hf_weights)
+    if model_cfg.patch_dropout:
+        if not 0.0 <= model_cfg.patch_dropout < 1.0:
+            raise UserError(f"model.patch_dropout must be in [0, 1), got {model_cfg.patch_dropout}")
+        if not _is_vit(oc_cfg["vision_cfg"]):
+            raise UserError(f"model.patch_dropout needs a ViT image tower; {name} has none")
+        oc_cfg["vision_cfg"]["patch_dropout"] = model_cfg.patch_dropout
+    if "timm_model_name" in oc_cfg["vision_cfg"]:
+        oc_cfg["vision_cfg"]["timm_model_pretrained"] = False  # never download ImageNet weights
+    return name, oc_cfg
+
+
+def export_model_config(oc_cfg: dict) -> dict:
+    """The open_clip model config as open_clip's own JSON files write it (no load-time switches)."""
+    exported = deepcopy(oc_cfg)
+    exported["text_cfg"].pop("hf_model_pretrained", None)
+    exported["vision_cfg"].pop("timm_model_pretrained", None)
+    return exported
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> None:
+    """Load a local weights file: an mmssl checkpoint or an open_clip-format state dict."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"model.pretrained: weights file not found: {path}")
+    if file.suffix in CHECKPOINT_SUFFIXES:
+        payload = torch.load(file, map_location="cpu", weights_only=False)
+        if isinstance(payload, dict) and "model" in payload and "config" in payload:
+            _load_state_dict(model, payload["model"], path)
+            return
+    try:
+        open_clip.load_checkpoint(model, str(file))
+    except RuntimeError as err:
+        raise UserError(f"model.pretrained: {path} does not fit this model ({str(err).splitlines()[0]})") from None
+
+
+def _load_state_dict(model: torch.nn.Module, state_dict: dict, path: str) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise UserError(f"model.pretrained: {path} does not fit this model ({str(err).splitlines()[0]})") from None
+
+
+def _lookup_model_config(name: str) -> tuple[str, dict]:
+    """Bundled JSON, a JSON path, or an open_clip built-in name -> a fresh config dict."""
+    path = Path(name)
+    bundled = MODEL_CONFIG_DIR / f"{name}.json"
+    if bundled.is_file():
+        return name, _read_model_json(bundled)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"model config not found: {name}")
+        return path.stem, _read_model_json(path)
+    builtin = open_clip.get_model_config(name)
+    if builtin is None:
+        known = ", ".join(list_models()[:8])
+        raise UserError(f"unknown model: {name} (known include: {known}, ...; or give a model-config .json path)")
+    return name, builtin
+
+
+def _read_model_json(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in cfg]
+    if missing:
+        raise UserError(f"{path}: not an open_clip model config (missing {', '.join(missing)})")
+    return cfg
+
+
+def _instantiate(name: str, oc_cfg: dict) -> torch.nn.Module:
+    """The open_clip class the config asks for, with open_clip's preprocessing attached."""
+    kwargs = deepcopy(oc_cfg)
+    custom_text = kwargs.pop("custom_text", False) or "hf_model_name" in kwargs["text_cfg"]
+    kwargs.pop("preprocess_cfg", None)
+    kwargs["output_dict"] = True  # forward() returns {image_features, text_features, logit_scale[, logit_bias]}
+    model_class = CustomTextCLIP if custom_text else CLIP
+    try:
+        model = model_class(**kwargs)
+    except TypeError as err:
+        raise UserError(f"model {name}: bad model config ({err})") from None
+    preprocess = asdict(PreprocessCfg())
+    preprocess.update(oc_cfg.get("preprocess_cfg", {}))
+    preprocess["size"] = model.visual.image_size
+    set_model_preprocess_cfg(model, preprocess)
+    return model
+
+
+def _is_vit(vision_cfg: dict) -> bool:
+    return "timm_model_name" not in vision_cfg and not isinstance(vision_cfg.get("layers"), (list, tuple))
+
+
+def _with_overrides(model_cfg: ModelConfig, overrides: dict) -> ModelConfig:
+    if not overrides:
+        return model_cfg
+    merged = {**dataclasses.asdict(model_cfg), **overrides}
+    return from_dict(ModelConfig, merged, "model")
