@@ -1,0 +1,143 @@
+"""`mmssl prep csv|folder|coco|synthetic`: parsers only; the work lives in the sibling modules."""
+from __future__ import annotations
+
+import argparse
+import os
+
+RESIZE_MODES = ("border", "center_crop", "keep_ratio", "no")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = _positive_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be 1..100, got {value}")
+    return value
+
+
+def _add_output_options(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
+    parser.add_argument("--out", required=True, help="output folder (shards, manifest.json, failures.jsonl)")
+    parser.add_argument("--shard-size", type=_positive_int, default=shard_size, help="rows per shard")
+    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="worker processes")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
+    mode.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=_positive_int, default=256, help="output side in pixels")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="border",
+                        help="border: keep ratio, pad to a square (img2dataset default); center_crop: "
+                             "fill the square and crop; keep_ratio: shorter side = size; no: keep as is")
+    parser.add_argument("--quality", type=_quality, default=95, help="JPEG quality of the shard images")
+
+
+def _output_kwargs(args) -> dict:
+    return dict(shard_size=args.shard_size, workers=args.workers, resume=args.resume,
+                overwrite=args.overwrite, quiet=args.quiet)
+
+
+def _image_kwargs(args) -> dict:
+    return dict(image_size=args.image_size, resize_mode=args.resize_mode, quality=args.quality)
+
+
+def _print_summary(kind: str, manifest: dict, out) -> None:
+    from data_prep.pipeline import summary_line
+
+    print(summary_line(f"prep {kind}", manifest, out))
+
+
+def run_synthetic(args) -> int:
+    from data_prep import synthetic
+
+    manifests = synthetic.generate(
+        args.out, num_train=args.num_train, num_val=args.num_val, num_heldout=args.num_heldout,
+        image_size=args.image_size, seed=args.seed, **_output_kwargs(args),
+    )
+    for split, manifest in manifests.items():
+        _print_summary(f"synthetic {split}", manifest, os.path.join(args.out, split))
+    return 0
+
+
+def run_csv(args) -> int:
+    from data_prep import csv_source
+
+    manifest = csv_source.prepare(
+        args.input, args.out, image_root=args.image_root, image_col=args.image_col,
+        caption_col=args.caption_col, **_image_kwargs(args), **_output_kwargs(args),
+    )
+    _print_summary("csv", manifest, args.out)
+    return 0
+
+
+def run_folder(args) -> int:
+    from data_prep import folder
+
+    manifest = folder.prepare(
+        args.input, args.out, layout=args.layout, classnames_file=args.classnames,
+        templates_file=args.templates, **_image_kwargs(args), **_output_kwargs(args),
+    )
+    _print_summary("folder", manifest, args.out)
+    return 0
+
+
+def run_coco(args) -> int:
+    from data_prep import coco
+
+    manifest = coco.prepare(args.captions, args.images, args.out, **_image_kwargs(args), **_output_kwargs(args))
+    _print_summary("coco", manifest, args.out)
+    return 0
+
+
+def register(subparsers) -> None:
+    prep = subparsers.add_parser("prep", help="turn raw data into webdataset shards")
+    modes = prep.add_subparsers(dest="prep_mode", metavar="MODE")
+    modes.required = True
+
+    synthetic = modes.add_parser("synthetic", help="render the embedded synthetic world (train/val/heldout)")
+    synthetic.add_argument("--num-train", type=_positive_int, default=20000)
+    synthetic.add_argument("--num-val", type=_positive_int, default=2000)
+    synthetic.add_argument("--num-heldout", type=_positive_int, default=None, help="default: num-val / 4")
+    synthetic.add_argument("--image-size", type=_positive_int, default=64)
+    synthetic.add_argument("--seed", type=int, default=0)
+    _add_output_options(synthetic)
+    synthetic.set_defaults(func=run_synthetic)
+
+    table = modes.add_parser("csv", help="a CSV/TSV/JSONL/parquet table of image paths and captions")
+    table.add_argument("--input", required=True, help="table file: .csv, .tsv, .jsonl or .parquet")
+    table.add_argument("--image-root", default=None, help="folder that relative image paths start from "
+                                                         "(default: the table's folder)")
+    table.add_argument("--image-col", default="image")
+    table.add_argument("--caption-col", default="caption")
+    _add_image_options(table)
+    _add_output_options(table)
+    table.set_defaults(func=run_csv)
+
+    images = modes.add_parser("folder", help="an image folder: sidecar .txt captions or class sub-folders")
+    images.add_argument("--input", required=True, help="image folder")
+    images.add_argument("--layout", choices=("auto", "captions", "classes"), default="auto",
+                        help="captions: IMAGE + IMAGE.txt; classes: CLASS/IMAGE (label + classname); "
+                             "auto: captions if any .txt caption exists, else classes")
+    images.add_argument("--classnames", default=None,
+                        help="classes layout: readable names, one per line, in sorted sub-folder order")
+    images.add_argument("--templates", default=None, help="classes layout: zero-shot templates file with {}")
+    _add_image_options(images)
+    _add_output_options(images)
+    images.set_defaults(func=run_folder)
+
+    captions = modes.add_parser("coco", help="COCO-captions JSON (images + annotations)")
+    captions.add_argument("--captions", required=True, help="captions_*.json")
+    captions.add_argument("--images", required=True, help="folder holding the images' file_name paths")
+    _add_image_options(captions)
+    _add_output_options(captions)
+    captions.set_defaults(func=run_coco)

@@ -1,0 +1,164 @@
+"""Rows in, shards out: the one driver every `prep` mode uses.
+
+Determinism is what makes `--resume` and `--workers` safe: row i always lands in shard
+i // shard_size under key `{shard:05d}{i % shard_size:04d}`, and a sample depends only on its row.
+So any worker count, and any interrupted-then-resumed run, writes the same bytes as one
+uninterrupted single-process run. Workers process small chunks of rows (good balance even with few
+shards); the parent receives results in order and writes each shard as soon as it is complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import sys
+from pathlib import Path
+
+from mmssl.errors import UserError
+
+from data_prep import shards
+from data_prep.samples import SampleFailure
+
+CHUNK_ROWS = 64  # rows per worker task: small enough to balance 2 workers over one shard
+
+_worker_process = None  # the per-row callable, installed once per worker process
+
+
+def write_dataset(
+    out_dir,
+    rows: list,
+    process,
+    *,
+    source: dict,
+    image_size,
+    shard_size: int = 1000,
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    extra: dict | None = None,
+    desc: str = "prep",
+    quiet: bool = False,
+) -> dict:
+    """Write `rows` through `process(index, row) -> Sample` (or SampleFailure) into shards.
+
+    Returns the manifest dict. Raises UserError for empty input, bad sizes, or a `--resume` whose
+    options differ from those of the shards already finished.
+    """
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if not rows:
+        raise UserError(f"no rows to write for {out_dir}: the input is empty")
+    out_dir = Path(out_dir)
+    shards.prepare_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    # stored in every shard's stats and compared on --resume; the JSON round trip makes it comparable
+    options = json.loads(json.dumps(
+        {"source": source, "image_size": image_size, "shard_size": shard_size, "num_rows": len(rows)}, default=str
+    ))
+    num_shards = math.ceil(len(rows) / shard_size)
+    pending = [s for s in range(num_shards) if not _finished_with(out_dir, s, options)]
+    _write_pending(out_dir, rows, process, pending, shard_size, workers, options, desc, quiet)
+    all_stats = [shards.read_stats(out_dir, s) for s in range(num_shards)]
+    manifest = shards.write_manifest(
+        out_dir, all_stats, source=source, image_size=image_size, shard_size=shard_size, extra=extra
+    )
+    assert manifest["num_samples"] + manifest["num_failures"] == len(rows), "a row was lost"
+    return manifest
+
+
+def summary_line(desc: str, manifest: dict, out_dir) -> str:
+    """`written + failed == rows in`, as printed at the end of every prep run."""
+    return (
+        f"{desc}: {manifest['num_rows']} rows in, {manifest['num_samples']} written, "
+        f"{manifest['num_failures']} failed -> {out_dir} (failures in {shards.FAILURES})"
+    )
+
+
+def _finished_with(out_dir: Path, shard: int, options: dict) -> bool:
+    if not shards.is_finished(out_dir, shard):
+        return False
+    if shards.read_stats(out_dir, shard).get("options") != options:
+        raise UserError(
+            f"cannot resume {out_dir}: shard {shards.shard_name(shard)} was written with different "
+            "inputs or options; use --overwrite to start again"
+        )
+    return True
+
+
+def _chunks(rows: list, pending: list, shard_size: int):
+    for shard in pending:
+        end = min((shard + 1) * shard_size, len(rows))
+        for start in range(shard * shard_size, end, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, end)
+            yield start, rows[start:stop]
+
+
+def _install(process) -> None:
+    global _worker_process
+    _worker_process = process
+
+
+def _run_chunk(task):
+    start, chunk = task
+    results = []
+    for offset, row in enumerate(chunk):
+        try:
+            results.append(_worker_process(start + offset, row))
+        except SampleFailure as failure:
+            results.append(failure)
+    return start, results
+
+
+def _pool_context():
+    # fork starts workers instantly and shares the rows; fall back where fork does not exist
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _write_pending(out_dir, rows, process, pending, shard_size, workers, options, desc, quiet):
+    from tqdm import tqdm
+
+    tasks = _chunks(rows, pending, shard_size)
+    total = sum(min((s + 1) * shard_size, len(rows)) - s * shard_size for s in pending)
+    progress = tqdm(total=total, desc=desc, unit="row", disable=True if quiet else None, file=sys.stderr)
+    pool = None
+    if workers == 1:
+        _install(process)
+        results = map(_run_chunk, tasks)
+    else:
+        pool = _pool_context().Pool(workers, initializer=_install, initargs=(process,))
+        results = pool.imap(_run_chunk, tasks)
+    try:
+        collected = []
+        for start, chunk_results in results:
+            collected.extend((start + i, r) for i, r in enumerate(chunk_results))
+            progress.update(len(chunk_results))
+            shard = collected[0][0] // shard_size
+            if len(collected) == min((shard + 1) * shard_size, len(rows)) - shard * shard_size:
+                _write_one_shard(out_dir, shard, rows, collected, shard_size, options)
+                collected = []
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+
+
+def _write_one_shard(out_dir, shard, rows, collected, shard_size, options):
+    samples, failures = [], []
+    for index, result in collected:
+        if isinstance(result, SampleFailure):
+            failures.append({"row": index, "input": rows[index], "reason": str(result)})
+        else:
+            samples.append((shards.sample_key(shard, index - shard * shard_size, shard_size), result))
+    stats = {
+        "shard": shard,
+        "name": shards.shard_name(shard),
+        "first_row": shard * shard_size,
+        "rows": len(collected),
+        "count": len(samples),
+        "failed": len(failures),
+        "failures": failures,
+        "options": options,
+    }
+    shards.write_shard(out_dir, shard, samples, stats)

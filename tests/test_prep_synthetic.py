@@ -1,0 +1,128 @@
+"""`mmssl prep synthetic`: layout, labels, held-out compositions, determinism, loadability."""
+import io
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_prep import synthetic
+from mmssl.cli import main
+
+SIZES = dict(num_train=300, num_val=96, num_heldout=30, image_size=64, shard_size=100)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    synthetic.generate(out, seed=3, workers=1, quiet=True, **SIZES)
+    return out
+
+
+def _tar_samples(path):
+    """{key: {ext: bytes}} in member order, the way webdataset groups a tar."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def _all_json(split_dir):
+    return [json.loads(s["json"]) for tar in sorted(split_dir.glob("*.tar")) for s in _tar_samples(tar).values()]
+
+
+def test_layout_and_manifests(world):
+    for split, count, shards in (("train", 300, 3), ("val", 96, 1), ("heldout", 30, 1)):
+        manifest = json.loads((world / split / "manifest.json").read_text())
+        assert manifest["num_samples"] == count and manifest["num_failures"] == 0
+        assert manifest["image_size"] == 64
+        assert [s["name"] for s in manifest["shards"]] == [f"{i:05d}.tar" for i in range(shards)]
+        assert sum(s["count"] for s in manifest["shards"]) == count
+        for i in range(shards):
+            assert (world / split / f"{i:05d}_stats.json").is_file()
+        assert (world / split / "failures.jsonl").read_text() == ""
+        assert json.loads((world / split / "sizes.json").read_text()) == {s["name"]: s["count"] for s in manifest["shards"]}
+        names = (world / split / "classnames.txt").read_text().splitlines()
+        assert len(names) == 48 and names[0] == "red circle" and names[6] == "green circle"
+        templates = (world / split / "templates.txt").read_text().splitlines()
+        assert len(templates) >= 5 and all("{}" in t for t in templates)
+
+
+def test_labels_match_classnames_and_heldout_pairs_never_in_train(world):
+    names = synthetic.classnames()
+    heldout = {f"{c} {s}" for c, s in synthetic.HELDOUT_PAIRS}
+    assert len(heldout) == 6
+    assert len({c for c, _ in synthetic.HELDOUT_PAIRS}) == 6 and len({s for _, s in synthetic.HELDOUT_PAIRS}) == 6
+    train_pairs = {f"{o['colour']} {o['shape']}" for meta in _all_json(world / "train") for o in meta["objects"]}
+    assert train_pairs.isdisjoint(heldout)
+    assert len(train_pairs) == 42  # every seen pair occurs in 300 scenes
+    for split, allowed in (("val", set(names) - heldout), ("heldout", heldout)):
+        metas = _all_json(world / split)
+        for meta in metas:
+            assert names[meta["label"]] == meta["classname"] == f"{meta['colour']} {meta['shape']}"
+            assert meta["label"] == synthetic.COLOURS_INDEX[meta["colour"]] * 6 + synthetic.SHAPES.index(meta["shape"])
+            assert meta["size"] in ("small", "large") and meta["position"]
+        assert {m["classname"] for m in metas} <= allowed
+    assert {m["classname"] for m in _all_json(world / "heldout")} == heldout
+
+
+def test_captions_describe_the_scene(world):
+    for tar in sorted((world / "train").glob("*.tar")):
+        for sample in _tar_samples(tar).values():
+            caption, meta = sample["txt"].decode(), json.loads(sample["json"])
+            assert len(meta["objects"]) in (1, 2)
+            for obj in meta["objects"]:
+                assert obj["colour"] in caption and obj["shape"] in caption
+
+
+def test_same_seed_same_bytes_any_workers_and_other_seed_differs(world, tmp_path):
+    synthetic.generate(tmp_path / "again", seed=3, workers=2, quiet=True, **SIZES)
+    for split in ("train", "val", "heldout"):
+        for tar in sorted((world / split).glob("*.tar")):
+            assert (tmp_path / "again" / split / tar.name).read_bytes() == tar.read_bytes()
+        assert (tmp_path / "again" / split / "manifest.json").read_text() == (world / split / "manifest.json").read_text()
+    synthetic.generate(tmp_path / "other", seed=4, workers=1, quiet=True, **{**SIZES, "num_train": 100})
+    assert (tmp_path / "other" / "val" / "00000.tar").read_bytes() != (world / "val" / "00000.tar").read_bytes()
+
+
+def test_loads_with_webdataset_and_open_clip_layout(world):
+    urls = [str(p) for p in sorted((world / "train").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 300
+    assert isinstance(samples[0]["jpg"], Image.Image) and samples[0]["jpg"].size == (64, 64)
+    assert samples[0]["__key__"] == "000000000" and samples[-1]["__key__"] == "000020099"
+    # what open_clip's webdataset pipeline relies on: one key per sample (no dot in it), an image
+    # under jpg and a caption under txt, members of a sample next to each other in the tar
+    for url in urls:
+        with tarfile.open(url) as tar:
+            names = tar.getnames()
+        keys = [n.split(".", 1)[0] for n in names]
+        assert all(name.count(".") == 1 for name in names)
+        assert keys == sorted(keys)
+        assert all({f"{k}.jpg", f"{k}.txt", f"{k}.json"} <= set(names) for k in keys)
+
+
+def test_images_show_the_object_colour(world):
+    """The pixel at a single object's centre is its colour (noise background is dark)."""
+    tar = world / "val" / "00000.tar"
+    for sample in list(_tar_samples(tar).values())[:20]:
+        meta = json.loads(sample["json"])
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        pixel = image.getpixel((int(meta["x"]), int(meta["y"])))
+        expected = synthetic.COLOURS[meta["colour"]]
+        assert max(abs(a - b) for a, b in zip(pixel, expected)) < 45, (meta, pixel)
+
+
+def test_cli_refuses_non_empty_output_then_resumes(world, tmp_path, capsys):
+    args = ["prep", "synthetic", "--out", str(tmp_path), "--num-train", "20", "--num-val", "8", "--quiet",
+            "--workers", "1", "--shard-size", "10"]
+    assert main(args) == 0
+    assert "prep synthetic train: 20 rows in, 20 written, 0 failed" in capsys.readouterr().out
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty" in err and "--resume" in err
+    assert main(args + ["--resume"]) == 0
+    assert main(args + ["--overwrite"]) == 0
