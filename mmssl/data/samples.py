@@ -1,0 +1,115 @@
+"""Raw samples out of tar shards, and decoding them into (image tensor, caption, key).
+
+Raw samples stay undecoded bytes for as long as possible: shuffling and fast-forwarding (resume)
+happen on bytes, so a skipped sample costs a tar read, never a JPEG decode. Decoding is where bad
+data shows up (a truncated JPEG, a sample without caption); `SampleDecoder` raises
+`CorruptSample` for those and the loaders count, log and skip them instead of crashing a run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zlib
+from itertools import islice
+from typing import Callable, Iterable, Iterator, Optional
+
+import webdataset as wds
+from PIL import Image
+
+logger = logging.getLogger("mmssl.data")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_LOGGED_PER_PROCESS = 20  # corrupt samples logged one by one per process; the rest are only counted
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be used (undecodable image, no caption); skipped and counted."""
+
+
+def _log_read_error(err: Exception) -> bool:
+    """webdataset handler for a shard that cannot be opened or read: log it, go on."""
+    logger.warning("skipping unreadable shard data: %s", err)
+    return True
+
+
+def shard_samples(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+    """Raw samples `start:stop` of one shard as webdataset dicts (`__key__`, `jpg`, `txt`, ... bytes)."""
+    opened = wds.tariterators.url_opener([{"url": url}], handler=_log_read_error)
+    files = wds.tariterators.tar_file_expander(opened, handler=_log_read_error)
+    samples = wds.tariterators.group_by_keys(files, handler=_log_read_error)
+    return islice(samples, start, stop)
+
+
+def segment_samples(segments: Iterable[tuple[str, int, Optional[int]]]) -> Iterator[dict]:
+    """Raw samples of consecutive (url, start, stop) shard segments."""
+    for url, start, stop in segments:
+        yield from shard_samples(url, start, stop)
+
+
+class SampleDecoder:
+    """Raw sample -> (image tensor, caption, key), or CorruptSample.
+
+    `decode_size` lets PIL decode a JPEG at a reduced DCT scale that still covers that size on
+    both sides: much cheaper for large images, and exact enough for resize + center crop (leave it
+    None when random-resized-crop augmentation wants the full resolution).
+    Captions come from `.txt`; when the json carries a `captions` list (COCO-style shards), one is
+    picked per sample and epoch by a hash of (seed, epoch, key): deterministic, and it varies
+    across epochs.
+    """
+
+    def __init__(self, transform: Callable, decode_size: Optional[int] = None, seed: int = 0):
+        self.transform = transform
+        self.decode_size = decode_size
+        self.seed = seed
+        self.corrupt = 0
+
+    def __call__(self, raw: dict, epoch: int = 0):
+        """(image tensor, caption, key) for training."""
+        caption = self.guarded(raw, self.caption, raw, epoch)
+        return self.guarded(raw, self.image, raw), caption, raw.get("__key__")
+
+    def guarded(self, raw: dict, function: Callable, *args):
+        """function(*args), with any failure logged and turned into CorruptSample."""
+        try:
+            return function(*args)
+        except Exception as err:  # any failure to decode is a property of the data, not a bug
+            self.corrupt += 1
+            if self.corrupt <= _LOGGED_PER_PROCESS:
+                logger.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), err)
+            raise CorruptSample(raw.get("__key__")) from err
+
+    def image(self, raw: dict):
+        data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if data is None:
+            raise CorruptSample("no image file")
+        image = Image.open(io.BytesIO(data))
+        if self.decode_size is not None and image.format == "JPEG":
+            image.draft("RGB", (self.decode_size, self.decode_size))
+        return self.transform(image.convert("RGB"))
+
+    def caption(self, raw: dict, epoch: int) -> str:
+        meta = raw.get("json")
+        if meta is not None and b'"captions"' in meta:
+            captions = json.loads(meta).get("captions")
+            if captions:
+                index = zlib.crc32(f"{self.seed}:{epoch}:{raw['__key__']}".encode()) % len(captions)
+                return str(captions[index])
+        text = raw.get("txt")
+        if text is None:
+            raise CorruptSample("no caption (.txt or json captions)")
+        return text.decode("utf-8").strip()
+
+
+def eval_targets(raw: dict) -> tuple[Optional[int], list[str]]:
+    """The label (json `label`, else None) and every caption of a raw sample, for evaluation.
+
+    A sample with neither is unusable: CorruptSample."""
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    captions = [str(c) for c in meta.get("captions") or []]
+    if not captions and "txt" in raw:
+        captions = [raw["txt"].decode("utf-8").strip()]
+    label = meta.get("label")
+    if label is None and not captions:
+        raise CorruptSample("no label and no caption")
+    return (None if label is None else int(label)), captions
