@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ from open_clip.transform import PreprocessCfg
 
 from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
 from mmssl.errors import UserError
-from mmssl.models.hf_text import hf_text_cfg
+from mmssl.models.hf_text import hf_text_cfg, quiet_transformers
 from mmssl.models.locking import apply_locking
 from mmssl.models.tokenizers import build_tokenizer
 
@@ -192,8 +193,10 @@ def _instantiate(name: str, oc_cfg: dict) -> torch.nn.Module:
     kwargs.pop("preprocess_cfg", None)
     kwargs["output_dict"] = True  # forward() returns {image_features, text_features, logit_scale[, logit_bias]}
     model_class = CustomTextCLIP if custom_text else CLIP
+    quiet = quiet_transformers() if custom_text else nullcontext()
     try:
-        model = model_class(**kwargs)
+        with quiet:
+            model = model_class(**kwargs)
     except TypeError as err:
         raise UserError(f"model {name}: bad model config ({err})") from None
     preprocess = asdict(PreprocessCfg())

@@ -7,6 +7,7 @@ all-MiniLM-L6-v2 were trained with) and add a linear projection to the shared em
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from mmssl.errors import UserError
@@ -37,3 +38,19 @@ def is_hf_text_tower(model) -> bool:
     from open_clip.hf_model import HFTextEncoder
 
     return isinstance(getattr(model, "text", None), HFTextEncoder)
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' per-load report and progress bar (dropping BERT's unused pooler is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
