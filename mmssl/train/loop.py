@@ -1,0 +1,346 @@
+"""The training loop: batches -> objective terms -> one AdamW step, with logs, checkpoints, resume.
+
+`train(cfg)` is what `mmssl train` runs: it joins the torchrun group (if any), builds the pieces
+from the config (`build_trainer`) and runs `Trainer.fit`. The `Trainer` itself only sees
+interfaces, so tests and other callers can hand it their own objective or loader:
+
+* objective: an `nn.Module` with `.model` (the dual encoder), `forward(images, texts, step)`
+  returning named loss terms with their weighted total under "loss" (see `mmssl.objective`),
+  `encode` / `contrastive` / `weighted_aux` for exact-batch accumulation, and
+  `heads_state_dict` / `load_heads_state_dict` for checkpoints;
+* loader: an endless iterable of batches with `.images` / `.texts`, plus `state_dict`,
+  `load_state_dict` and `corrupt_count` (see `mmssl.data.train_loader.TrainLoader`).
+
+Semantics worth knowing: `train.batch_size` is the contrastive batch of one rank per optimizer
+step (the global batch is batch_size x world_size); `train.accum_steps` splits it into that many
+micro-batches for the forward/backward without changing the loss (GradCache). Step k (1-based)
+is the k-th optimizer update; a checkpoint at step k holds the state after it.
+
+Across ranks, gradients are averaged with one coalesced all-reduce after the backward pass instead
+of DistributedDataParallel: the objective runs the towers several times per step (contrastive
+branch, heads, the accumulation's recompute passes), which DDP's one-forward-one-backward
+bookkeeping does not fit; the averaged gradient is the same.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mmssl.config import ExperimentConfig, to_dict
+from mmssl.errors import UserError
+from mmssl.losses import clamp_logit_scale, contrastive_step_with_accumulation
+from mmssl.train import checkpoint as ckpt
+from mmssl.train.distributed import DistEnv, broadcast_object, gather_objects, init_distributed, shutdown
+from mmssl.train.metrics import MetricsLog, WindowTimer, progress_bar
+from mmssl.train.optim import build_optimizer, build_scheduler
+from mmssl.train.precision import autocast, check_precision, grad_scaler
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; the run stopped before applying that update."""
+
+
+@dataclass
+class TrainResult:
+    step: int                         # optimizer steps done
+    output: Path
+    checkpoint: Optional[Path]        # the last checkpoint written (rank 0), if any
+    losses: list = field(default_factory=list)  # total loss of every step this process ran
+    last_log: dict = field(default_factory=dict)
+
+
+def train(cfg: ExperimentConfig) -> TrainResult:
+    """Run `mmssl train` for a resolved config (joins the torchrun group when launched by it)."""
+    check_config(cfg)
+    env = init_distributed()
+    try:
+        return build_trainer(cfg, env).fit()
+    finally:
+        shutdown(env)
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Reject values that cannot work before anything heavy starts (UserError, one line)."""
+    t = cfg.train
+    rules = [
+        ("steps", t.steps >= 1, "must be >= 1"),
+        ("batch_size", t.batch_size >= 1, "must be >= 1"),
+        ("accum_steps", 1 <= t.accum_steps <= t.batch_size, "must be between 1 and train.batch_size"),
+        ("lr", t.lr > 0 and math.isfinite(t.lr), "must be a positive number"),
+        ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("beta1", 0 <= t.beta1 < 1, "must be in [0, 1)"),
+        ("beta2", 0 <= t.beta2 < 1, "must be in [0, 1)"),
+        ("eps", t.eps > 0, "must be > 0"),
+        ("warmup", t.warmup >= 0, "must be >= 0"),
+        ("grad_clip", t.grad_clip is None or t.grad_clip > 0, "must be > 0 (or null for no clipping)"),
+        ("log_every", t.log_every >= 1, "must be >= 1"),
+        ("save_every", t.save_every >= 0, "must be >= 0 (0: only at the end)"),
+        ("val_every", t.val_every >= 0, "must be >= 0 (0: no validation)"),
+        ("threads", t.threads >= 0, "must be >= 0 (0: torch's default)"),
+    ]
+    for key, ok, why in rules:
+        if not ok:
+            raise UserError(f"bad value for train.{key}: {getattr(t, key)!r} ({why})")
+    check_precision(t.precision, _default_device())
+    if t.precision == "fp16" and t.accum_steps > 1:
+        raise UserError("train.precision=fp16 cannot be combined with train.accum_steps > 1 (loss scaling); use bf16")
+    if t.val_every and not cfg.data.val:
+        raise UserError("train.val_every needs data.val (labelled shards for zero-shot validation)")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
+    """Model, objective, loader, optimizer and schedule from the config, on this rank's device."""
+    from mmssl.data.train_loader import build_train_loader
+    from mmssl.models import create_model, image_transform
+    from mmssl.objective import Objective
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model = create_model(cfg.model, siglip=cfg.loss.kind == "siglip")
+    objective = Objective(model, cfg, rank=env.rank, world_size=env.world_size).to(env.device)
+    image_size = model.visual.image_size
+    loader = build_train_loader(
+        cfg.data,
+        transform=image_transform(model, train=cfg.data.augment),
+        tokenizer=model.tokenizer,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        decode_size=None if cfg.data.augment else max(_pair(image_size)),
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    validate = None
+    if cfg.train.val_every:
+        from mmssl.train.validation import ZeroShotValidation
+
+        validate = ZeroShotValidation(cfg.data.val, env.device)
+    return Trainer(cfg, env, objective, loader, validate=validate)
+
+
+def _pair(size) -> tuple:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+class Trainer:
+    """Owns one run's state (objective, optimizer, schedule, scaler, loader, step) and its I/O."""
+
+    def __init__(self, cfg: ExperimentConfig, env: DistEnv, objective: torch.nn.Module, loader,
+                 validate: Optional[Callable] = None):
+        self.cfg, self.env, self.objective, self.loader, self.validate = cfg, env, objective, loader, validate
+        self.output = Path(cfg.train.output)
+        self.device = env.device
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(objective, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scaler = grad_scaler(cfg.train.precision, self.device)
+        self.autocast = partial(autocast, cfg.train.precision, self.device)
+        self.step = 0
+        self.last_checkpoint: Optional[Path] = None
+        self._resume(ckpt.resolve_resume(cfg.train.resume, self.output))
+        _broadcast_parameters(objective, env)
+        if cfg.train.compile:
+            objective.model.compile()  # in place: state_dict keys stay open_clip's
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        """Forward, backward, gradient all-reduce, clip, AdamW step; returns the terms as floats."""
+        self.objective.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.train.accum_steps > 1:
+            terms = contrastive_step_with_accumulation(
+                partial(self.objective.encode, step=self.step), images, texts, self.objective.contrastive,
+                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=self.objective.weighted_aux,
+            )
+        else:
+            with self.autocast():
+                terms = self.objective(images, texts, step=self.step)
+            self.scaler.scale(terms["loss"]).backward()
+        values = self._mean_over_ranks(terms)
+        if not math.isfinite(values["loss"]):
+            self._diverged(self.step + 1, f"loss is {values['loss']} ({_format_terms(values)})")
+        _average_gradients(self.params, self.env)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf)
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+            self._diverged(self.step + 1, f"gradient norm is {grad_norm.item()}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        clamp_logit_scale(self.objective.model)
+        self.step += 1
+        return values
+
+    def _mean_over_ranks(self, terms: dict) -> dict:
+        names = sorted(terms)
+        stacked = torch.stack([terms[name].detach().float().reshape(()) for name in names])
+        if self.env.is_distributed:
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.env.world_size
+        return dict(zip(names, stacked.tolist()))
+
+    def _diverged(self, step: int, what: str) -> None:
+        last = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}; stopped without saving it ({last}). "
+            f"Try a lower train.lr, a longer train.warmup or train.grad_clip."
+        )
+
+    # ---- the run -----------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        main = self.env.is_main
+        log = MetricsLog(self.output, enabled=main, tensorboard=t.tensorboard, resume_step=self.step)
+        bar = progress_bar(t.steps, self.step, enabled=main)
+        result = TrainResult(step=self.step, output=self.output, checkpoint=self.last_checkpoint)
+        samples_per_step = t.batch_size * self.env.world_size
+        timer, window = WindowTimer(), []
+        batches = iter(self.loader)
+        try:
+            while self.step < t.steps:
+                started = time.perf_counter()
+                batch = next(batches)
+                images = batch.images.to(self.device, non_blocking=True)
+                texts = batch.texts.to(self.device, non_blocking=True)
+                timer.waited(time.perf_counter() - started)
+                values = self.train_step(images, texts)
+                timer.step_done()
+                window.append(values)
+                result.losses.append(values["loss"])
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    record = self._log_record(window, timer.summary(samples_per_step))
+                    if t.val_every and self.step % t.val_every == 0:
+                        record.update(self._validate())
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                                    lr=f"{record['lr']:.2e}")
+                    result.last_log = record
+                    timer.reset()
+                    window = []
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+        result.step, result.checkpoint = self.step, self.last_checkpoint
+        return result
+
+    def _log_record(self, window: list, timing: dict) -> dict:
+        """One metrics.jsonl line: window means of every loss term, lr, temperature, throughput."""
+        terms = {name: sum(v[name] for v in window) / len(window) for name in window[-1]}
+        corrupt = self._sum_over_ranks(self.loader.corrupt_count)
+        return {
+            "step": self.step,
+            **terms,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "logit_scale": self.objective.model.logit_scale.exp().item(),
+            **timing,
+            "corrupt_samples": corrupt,
+        }
+
+    def _sum_over_ranks(self, value: int) -> int:
+        if not self.env.is_distributed:
+            return int(value)
+        box = torch.tensor([value], dtype=torch.long)
+        torch.distributed.all_reduce(box)
+        return int(box.item())
+
+    def _validate(self) -> dict:
+        """Zero-shot metrics on data.val from rank 0 (prefixed `val/`); {} without an eval package."""
+        metrics = {}
+        if self.env.is_main and self.validate is not None:
+            model = self.objective.model
+            model.eval()
+            with torch.no_grad(), self.autocast():
+                metrics = self.validate(model)
+            model.train()
+        return {f"val/{name}": value for name, value in metrics.items()}
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        """Write step_{step}.pt from rank 0 (after checking the weights are finite) and update latest."""
+        if not all(torch.isfinite(p).all() for p in self.objective.parameters()):
+            self._diverged(self.step, "a parameter became NaN/inf")
+        rng = gather_objects(self.env, ckpt.rng_state())
+        data = gather_objects(self.env, self.loader.state_dict())
+        path = None
+        if self.env.is_main:
+            state = {
+                "model": self.objective.model.state_dict(),
+                "heads": self.objective.heads_state_dict(),
+                "config": to_dict(self.cfg),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "data": data,
+                "world_size": self.env.world_size,
+            }
+            path = str(ckpt.save_checkpoint(self.output, self.step, state))
+        self.last_checkpoint = Path(broadcast_object(self.env, path))
+
+    def _resume(self, path: Optional[Path]) -> None:
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path)
+        saved_world = state.get("world_size", len(state.get("data", [])))
+        if saved_world != self.env.world_size:
+            raise UserError(f"{path} was written by {saved_world} process(es); resume it with the same number "
+                            f"(now {self.env.world_size})")
+        self.objective.model.load_state_dict(state["model"])
+        self.objective.load_heads_state_dict(state.get("heads", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"][self.env.rank])
+        ckpt.set_rng_state(state["rng"][self.env.rank])
+        self.step = int(state["step"])
+        self.last_checkpoint = path
+        if self.env.is_main:
+            sys.stderr.write(f"mmssl: resuming from {path} at step {self.step}\n")
+
+
+def _format_terms(values: dict) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in values.items() if name != "loss")
+
+
+def _broadcast_parameters(module: torch.nn.Module, env: DistEnv) -> None:
+    """Start every rank from rank 0's weights and buffers (what DDP does at construction)."""
+    if not env.is_distributed:
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _average_gradients(params: list, env: DistEnv) -> None:
+    """Mean of every gradient over ranks, in one all-reduce (missing gradients count as zeros)."""
+    if not env.is_distributed or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= env.world_size
+    for param, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
+        param.grad = chunk.view_as(param).to(param.dtype)
