@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-RESIZE_MODES = ("border", "center_crop", "keep_ratio", "no")
+from data_prep.samples import RESIZE_MODES
 
 
 def _positive_int(text: str) -> int:

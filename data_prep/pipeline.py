@@ -8,6 +8,7 @@ shards); the parent receives results in order and writes each shard as soon as i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -144,11 +145,16 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
             pool.terminate()
 
 
+def _describe(row):
+    """The input row as it goes into failures.jsonl (dataclass rows, e.g. tables.BadRow, as dicts)."""
+    return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
+
+
 def _write_one_shard(out_dir, shard, rows, collected, shard_size, options):
     samples, failures = [], []
     for index, result in collected:
         if isinstance(result, SampleFailure):
-            failures.append({"row": index, "input": rows[index], "reason": str(result)})
+            failures.append({"row": index, "input": _describe(rows[index]), "reason": str(result)})
         else:
             samples.append((shards.sample_key(shard, index - shard * shard_size, shard_size), result))
     stats = {

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# how an image is brought to --image-size (see data_prep.images.encode_image)
+RESIZE_MODES = ("border", "center_crop", "keep_ratio", "no")
+
 
 @dataclass
 class Sample:
@@ -32,3 +35,15 @@ def clean_caption(value) -> str:
     if not text:
         raise SampleFailure("empty caption")
     return text
+
+
+def check_image_options(image_size: int, resize_mode: str, quality: int) -> None:
+    """UserError for options the API was given that the CLI parser would have refused."""
+    from mmssl.errors import UserError
+
+    if resize_mode not in RESIZE_MODES:
+        raise UserError(f"unknown resize mode {resize_mode!r}: choose from {', '.join(RESIZE_MODES)}")
+    if image_size < 1:
+        raise UserError(f"--image-size must be at least 1, got {image_size}")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality must be 1..100, got {quality}")

@@ -1,0 +1,97 @@
+"""`mmssl prep coco`: COCO-captions JSON (images + annotations) into shards.
+
+An image is one sample; its json keeps every caption, in annotation order, as `captions`, and its
+txt holds the first. Training samples one caption of `captions` per step (so all of them are
+used over time); retrieval evaluation scores against all of them, CLIP_benchmark-style.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data_prep.images import encode_image, read_image_file
+from data_prep.pipeline import write_dataset
+from data_prep.samples import Sample, SampleFailure, check_image_options, clean_caption
+
+
+class CocoImageProcessor:
+    """`(index, row) -> Sample` for a COCO image record carrying its gathered `captions`."""
+
+    def __init__(self, *, images_dir: Path, image_options: dict):
+        self.images_dir = images_dir
+        self.image_options = image_options
+
+    def __call__(self, index: int, row: dict) -> Sample:
+        file_name = row.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            raise SampleFailure("missing column 'file_name'")
+        captions = []
+        for caption in row["captions"]:
+            try:
+                captions.append(clean_caption(caption))
+            except SampleFailure:
+                continue  # one blank caption among several is dropped; the image keeps the rest
+        if not captions:
+            raise SampleFailure("no non-empty caption" if row["captions"] else "no caption annotations")
+        jpg, image_meta = encode_image(read_image_file(self.images_dir / file_name), **self.image_options)
+        # width/height describe the shard image; the annotation file's values are the original's
+        return Sample(jpg, captions[0], {**row, "captions": captions, **image_meta})
+
+
+def read_coco(captions_path: Path) -> tuple[list[dict], int]:
+    """(image rows with their `captions` list, count of annotations whose image is not listed)."""
+    from mmssl.errors import UserError
+
+    try:
+        data = json.loads(captions_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"captions file not found: {captions_path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {captions_path} as JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise UserError(f"{captions_path} is not COCO captions: it needs 'images' and 'annotations' lists")
+    rows = [dict(image) if isinstance(image, dict) else {"record": image} for image in data["images"]]
+    for row in rows:
+        row["captions"] = []
+    by_id = {row["id"]: row for row in rows if "id" in row}
+    orphans = 0
+    for annotation in data["annotations"]:
+        row = by_id.get(annotation.get("image_id")) if isinstance(annotation, dict) else None
+        if row is None:
+            orphans += 1
+        else:
+            row["captions"].append(annotation.get("caption"))
+    return rows, orphans
+
+
+def prepare(
+    captions_path,
+    images_dir,
+    out_dir,
+    *,
+    image_size: int = 256,
+    resize_mode: str = "border",
+    quality: int = 95,
+    shard_size: int = 1000,
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Shard a COCO-captions dataset into `out_dir`; returns the manifest."""
+    from mmssl.errors import UserError
+
+    check_image_options(image_size, resize_mode, quality)
+    captions_path, images_dir = Path(captions_path).resolve(), Path(images_dir).resolve()
+    if not images_dir.is_dir():
+        raise UserError(f"--images {images_dir} is not a folder")
+    rows, orphans = read_coco(captions_path)
+    image_options = {"image_size": image_size, "resize_mode": resize_mode, "quality": quality}
+    source = {"kind": "coco", "captions": str(captions_path), "images": str(images_dir), **image_options}
+    return write_dataset(
+        out_dir, rows, CocoImageProcessor(images_dir=images_dir, image_options=image_options),
+        source=source, image_size=None if resize_mode == "no" else image_size, shard_size=shard_size,
+        workers=workers, resume=resume, overwrite=overwrite, desc="prep coco", quiet=quiet,
+        extra={"num_caption_annotations": sum(len(r["captions"]) for r in rows), "unmatched_annotations": orphans},
+    )
