@@ -195,11 +195,21 @@ def _coerce(hint, value, key):
         raise UserError(f"bad value for {key}: {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _is_float(value):
+        return float(value)  # YAML 1.1 reads exponent-only numbers such as 1e-4 as strings
     if hint in (int, str, bool, list, dict) and type(value) is hint:
         return value
     if hint is list and isinstance(value, tuple):
         return list(value)
     raise UserError(f"bad value for {key}: {value!r} (expected {getattr(hint, '__name__', hint)})")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def to_dict(config) -> dict:
