@@ -207,13 +207,16 @@ def contrastive_step_with_accumulation(
 
 def _feature_leaves(cached: list[dict]) -> dict:
     """Full-batch features (float32) and scalars as graph leaves whose .grad the loss will fill."""
+    def leaf(tensor):  # detach: open_clip returns the logit_bias Parameter itself, not a copy
+        return tensor.detach().float().requires_grad_(True)
+
     leaves = {
-        "image_features": [out["image_features"].float().requires_grad_(True) for out in cached],
-        "text_features": [out["text_features"].float().requires_grad_(True) for out in cached],
-        "logit_scale": cached[0]["logit_scale"].float().requires_grad_(True),
+        "image_features": [leaf(out["image_features"]) for out in cached],
+        "text_features": [leaf(out["text_features"]) for out in cached],
+        "logit_scale": leaf(cached[0]["logit_scale"]),
     }
     if cached[0].get("logit_bias") is not None:
-        leaves["logit_bias"] = cached[0]["logit_bias"].float().requires_grad_(True)
+        leaves["logit_bias"] = leaf(cached[0]["logit_bias"])
     return leaves
 
 
