@@ -47,7 +47,8 @@ def encode_image(data: bytes, *, image_size: int, resize_mode: str = "border", q
                 return data, {**meta, "width": width, "height": height}
             if image.format == "JPEG" and resize_mode != "no":
                 image.draft("RGB", _decode_size(width, height, image_size, resize_mode))
-            rgb = image.convert("RGB")
+            image.load()  # decode inside the try: broken data fails here, as a reason
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
     except SampleFailure:
         raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, bombs...)

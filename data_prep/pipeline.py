@@ -23,6 +23,7 @@ from data_prep.samples import SampleFailure
 CHUNK_ROWS = 64  # rows per worker task: small enough to balance 2 workers over one shard
 
 _worker_process = None  # the per-row callable, installed once per worker process
+_worker_shard_size = None
 
 
 def write_dataset(
@@ -95,19 +96,23 @@ def _chunks(rows: list, pending: list, shard_size: int):
             yield start, rows[start:stop]
 
 
-def _install(process) -> None:
-    global _worker_process
-    _worker_process = process
+def _install(process, shard_size: int) -> None:
+    global _worker_process, _worker_shard_size
+    _worker_process, _worker_shard_size = process, shard_size
 
 
 def _run_chunk(task):
+    """Each row as its finished tar members (the parent only appends bytes), or its SampleFailure."""
     start, chunk = task
     results = []
-    for offset, row in enumerate(chunk):
+    for index, row in enumerate(chunk, start):
         try:
-            results.append(_worker_process(start + offset, row))
+            sample = _worker_process(index, row)
         except SampleFailure as failure:
             results.append(failure)
+            continue
+        shard, position = divmod(index, _worker_shard_size)
+        results.append(shards.sample_members(shards.sample_key(shard, position, _worker_shard_size), sample))
     return start, results
 
 
@@ -125,10 +130,10 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
     progress = tqdm(total=total, desc=desc, unit="row", disable=True if quiet else None, file=sys.stderr)
     pool = None
     if workers == 1:
-        _install(process)
+        _install(process, shard_size)
         results = map(_run_chunk, tasks)
     else:
-        pool = _pool_context().Pool(workers, initializer=_install, initargs=(process,))
+        pool = _pool_context().Pool(workers, initializer=_install, initargs=(process, shard_size))
         results = pool.imap(_run_chunk, tasks)
     try:
         collected = []
@@ -137,7 +142,7 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
             progress.update(len(chunk_results))
             shard = collected[0][0] // shard_size
             if len(collected) == min((shard + 1) * shard_size, len(rows)) - shard * shard_size:
-                _write_one_shard(out_dir, shard, rows, collected, shard_size, options)
+                _write_one_shard(out_dir, shard, rows, collected, options)
                 collected = []
     finally:
         progress.close()
@@ -150,21 +155,18 @@ def _describe(row):
     return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
 
 
-def _write_one_shard(out_dir, shard, rows, collected, shard_size, options):
-    samples, failures = [], []
-    for index, result in collected:
-        if isinstance(result, SampleFailure):
-            failures.append({"row": index, "input": _describe(rows[index]), "reason": str(result)})
-        else:
-            samples.append((shards.sample_key(shard, index - shard * shard_size, shard_size), result))
+def _write_one_shard(out_dir, shard, rows, collected, options):
+    members = [result for _, result in collected if not isinstance(result, SampleFailure)]
+    failures = [{"row": index, "input": _describe(rows[index]), "reason": str(result)}
+                for index, result in collected if isinstance(result, SampleFailure)]
     stats = {
         "shard": shard,
         "name": shards.shard_name(shard),
-        "first_row": shard * shard_size,
+        "first_row": collected[0][0],
         "rows": len(collected),
-        "count": len(samples),
+        "count": len(members),
         "failed": len(failures),
         "failures": failures,
         "options": options,
     }
-    shards.write_shard(out_dir, shard, samples, stats)
+    shards.write_shard(out_dir, shard, members, stats)
