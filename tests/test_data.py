@@ -244,3 +244,50 @@ def test_eval_loader_returns_all_json_captions(tmp_path):
     data = write_shards(tmp_path / "d", [3], captions_json=True)
     (batch,) = list(build_eval_loader(data, transform=to_tensor, batch_size=8, num_workers=0))
     assert batch.captions[1] == [f"000000001 caption {c}" for c in range(3)]
+
+
+# --- fast paths: tar reader, batched transform tail, token cache ------------------------------
+
+from mmssl.data.image_batch import BatchedImageTransform  # noqa: E402
+from mmssl.data.samples import shard_samples  # noqa: E402
+from mmssl.data.tar_reader import tar_samples  # noqa: E402
+from mmssl.data.train_loader import CachedTokenizer  # noqa: E402
+
+
+def test_tar_reader_matches_webdataset_including_long_names(tmp_path):
+    shard = tmp_path / "long.tar"
+    long_key = "deep/" + "x" * 150 + "/sample"
+    with wds.TarWriter(str(shard)) as sink:
+        for key in ["a", long_key, "b.c"]:
+            sink.write({"__key__": key, "jpg": _jpeg(1), "TXT": f"text {key}".encode(), "json": b"{}"})
+    ours = list(tar_samples(str(shard)))
+    theirs = list(wds.tariterators.tarfile_samples([{"url": str(shard)}]))
+    assert [s["__key__"] for s in ours] == ["a", long_key, "b"]
+    assert ours == [{k: v for k, v in s.items() if not k.startswith("__local")} for s in theirs]
+
+
+def test_truncated_shard_keeps_its_good_samples(tmp_path, caplog):
+    write_shards(tmp_path / "d", [6])
+    tar = tmp_path / "d" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[:9000])  # cut inside the second sample (members are 2560 bytes)
+    samples = list(shard_samples(str(tar)))
+    assert [s["__key__"] for s in samples] == ["000000000"] and "unreadable rest of shard" in caplog.text
+
+
+def test_batched_transform_tail_is_bitwise_the_per_sample_transform():
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.Resize(12, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(12),
+                           T.ToTensor(), T.Normalize((0.48, 0.45, 0.40), (0.26, 0.26, 0.27))])
+    fast = BatchedImageTransform(transform)
+    images = [Image.open(io.BytesIO(_jpeg(seed, size=20))) for seed in range(3)]
+    assert fast.batched and fast.sample(images[0]).dtype == torch.uint8
+    assert torch.equal(fast.batch([fast.sample(im) for im in images]), torch.stack([transform(im) for im in images]))
+    assert not BatchedImageTransform(to_tensor).batched
+
+
+def test_cached_tokenizer_gives_the_tokenizer_rows():
+    cached = CachedTokenizer(length_tokenizer, capacity=2)
+    captions = ["a", "bb", "a", "ccc", "dddd"]
+    assert torch.equal(cached(captions), length_tokenizer(captions))
+    assert torch.equal(cached(captions[::-1]), length_tokenizer(captions[::-1])) and len(cached.rows) == 2

@@ -52,11 +52,10 @@ class _EvalStream(IterableDataset):
         label, captions = self.decoder.guarded(raw, eval_targets, raw)
         return self.decoder.guarded(raw, self.decoder.image, raw), label, captions, raw["__key__"]
 
-    @staticmethod
-    def _collate(samples: list) -> EvalBatch:
+    def _collate(self, samples: list) -> EvalBatch:
         images, labels, captions, keys = zip(*samples)
         label_tensor = None if any(label is None for label in labels) else torch.tensor(labels)
-        return EvalBatch(torch.stack(images), label_tensor, list(captions), list(keys))
+        return EvalBatch(self.decoder.images.batch(list(images)), label_tensor, list(captions), list(keys))
 
 
 class EvalLoader:

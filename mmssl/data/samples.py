@@ -14,8 +14,10 @@ import zlib
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Optional
 
-import webdataset as wds
 from PIL import Image
+
+from mmssl.data.image_batch import BatchedImageTransform
+from mmssl.data.tar_reader import tar_samples
 
 logger = logging.getLogger("mmssl.data")
 
@@ -27,18 +29,16 @@ class CorruptSample(Exception):
     """A sample that cannot be used (undecodable image, no caption); skipped and counted."""
 
 
-def _log_read_error(err: Exception) -> bool:
-    """webdataset handler for a shard that cannot be opened or read: log it, go on."""
-    logger.warning("skipping unreadable shard data: %s", err)
-    return True
-
-
 def shard_samples(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
-    """Raw samples `start:stop` of one shard as webdataset dicts (`__key__`, `jpg`, `txt`, ... bytes)."""
-    opened = wds.tariterators.url_opener([{"url": url}], handler=_log_read_error)
-    files = wds.tariterators.tar_file_expander(opened, handler=_log_read_error)
-    samples = wds.tariterators.group_by_keys(files, handler=_log_read_error)
-    return islice(samples, start, stop)
+    """Raw samples `start:stop` of one shard (`__key__`, `__url__`, and bytes per extension).
+
+    A shard that cannot be opened or read is logged and ends early; the samples it lacks are
+    made up by the loaders like corrupt ones.
+    """
+    try:
+        yield from islice(tar_samples(url), start, stop)
+    except (OSError, ValueError) as err:
+        logger.warning("skipping unreadable rest of shard %s: %s", url, err)
 
 
 def segment_samples(segments: Iterable[tuple[str, int, Optional[int]]]) -> Iterator[dict]:
@@ -48,7 +48,7 @@ def segment_samples(segments: Iterable[tuple[str, int, Optional[int]]]) -> Itera
 
 
 class SampleDecoder:
-    """Raw sample -> (image tensor, caption, key), or CorruptSample.
+    """Raw sample -> (image, caption, key), or CorruptSample; `images.batch` makes the batch tensor.
 
     `decode_size` lets PIL decode a JPEG at a reduced DCT scale that still covers that size on
     both sides: much cheaper for large images, and exact enough for resize + center crop (leave it
@@ -59,7 +59,7 @@ class SampleDecoder:
     """
 
     def __init__(self, transform: Callable, decode_size: Optional[int] = None, seed: int = 0):
-        self.transform = transform
+        self.images = BatchedImageTransform(transform)
         self.decode_size = decode_size
         self.seed = seed
         self.corrupt = 0
@@ -86,7 +86,9 @@ class SampleDecoder:
         image = Image.open(io.BytesIO(data))
         if self.decode_size is not None and image.format == "JPEG":
             image.draft("RGB", (self.decode_size, self.decode_size))
-        return self.transform(image.convert("RGB"))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self.images.sample(image)
 
     def caption(self, raw: dict, epoch: int) -> str:
         meta = raw.get("json")

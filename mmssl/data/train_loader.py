@@ -81,7 +81,7 @@ class _TrainStream(IterableDataset):
         self.resampled = loader.resampled
         self.shuffle_buffer = loader.shuffle_buffer
         self.decoder = SampleDecoder(loader.transform, loader.decode_size, loader.seed)
-        self.tokenizer = loader.tokenizer
+        self.tokenizer = CachedTokenizer(loader.tokenizer) if loader.tokenizer is not None else None
         self.cursors = cursors
         self.rotation = rotation
 
@@ -128,7 +128,7 @@ class _TrainStream(IterableDataset):
         images, captions, keys = zip(*samples)
         captions = list(captions)
         texts = self.tokenizer(captions) if self.tokenizer is not None else None
-        return TrainBatch(torch.stack(images), texts, list(keys), captions)
+        return TrainBatch(self.decoder.images.batch(list(images)), texts, list(keys), captions)
 
     def _raw_epoch(self, worker: int, epoch: int) -> Iterator[tuple[int, dict]]:
         """(pass, raw sample) for this slot's epoch, shuffled; endless (later passes refill corrupt ones)."""
@@ -171,6 +171,24 @@ class _TrainStream(IterableDataset):
             empty_draws = 0 if produced else empty_draws + 1
             if empty_draws > 100:
                 raise UserError(f"resampled shards yield no samples (last tried: {url})")
+
+
+class CachedTokenizer:
+    """A tokenizer that remembers caption -> token row, so repeated captions (every epoch of a
+    small dataset, templated captions) are tokenised once. Rows do not depend on the batch."""
+
+    def __init__(self, tokenizer: Callable, capacity: int = 100_000):
+        self.tokenizer, self.capacity, self.rows = tokenizer, capacity, {}
+
+    def __call__(self, captions: list) -> torch.Tensor:
+        known = self.rows
+        missing = [caption for caption in dict.fromkeys(captions) if caption not in self.rows]
+        if missing:
+            fresh = dict(zip(missing, self.tokenizer(missing).clone()))
+            room = self.capacity - len(self.rows)
+            self.rows.update(list(fresh.items())[:max(room, 0)])
+            known = {**self.rows, **fresh} if room < len(missing) else self.rows
+        return torch.stack([known[caption] for caption in captions])
 
 
 def wds_shuffle(raw: Iterator[dict], buffer: int, rng) -> Iterator[dict]:
