@@ -153,15 +153,16 @@ class SceneRenderer:
             meta.update(obj, label=label_of(obj["colour"], obj["shape"]), classname=f"{obj['colour']} {obj['shape']}")
         return Sample(buffer.getvalue(), _articles(caption), meta)
 
-    def _object(self, rng, x_range=None, y_range=None):
+    def _object(self, rng) -> dict:
         colour, shape = self.pairs[rng.integers(len(self.pairs))]
-        size = "small" if rng.random() < 0.5 else "large"
-        radius = SIZES[size] * self.image_size
-        return {"colour": colour, "shape": shape, "size": size, "radius": radius}
+        return {"colour": colour, "shape": shape, "size": "small" if rng.random() < 0.5 else "large"}
+
+    def _radius(self, obj) -> float:
+        return SIZES[obj["size"]] * self.image_size
 
     def _place(self, rng, obj, x_low, x_high, y_low, y_high):
         """Centre uniformly in the box, kept far enough from the edges that the shape stays whole."""
-        r, side = obj["radius"], self.image_size
+        r, side = self._radius(obj), self.image_size
         x = rng.uniform(max(x_low, r), min(x_high, side - r))
         y = rng.uniform(max(y_low, r), min(y_high, side - r))
         obj["x"], obj["y"] = round(float(x), 2), round(float(y), 2)
@@ -181,12 +182,12 @@ class SceneRenderer:
         layout = "horizontal" if rng.random() < 0.5 else "vertical"
         side, half = self.image_size, self.image_size / 2
         if layout == "horizontal":  # first on the left half, second on the right half
-            self._place(rng, first, 0, half - first["radius"], 0, side)
-            self._place(rng, second, half + second["radius"], side, 0, side)
+            self._place(rng, first, 0, half - self._radius(first), 0, side)
+            self._place(rng, second, half + self._radius(second), side, 0, side)
             first["position"], second["position"] = "left", "right"
         else:
-            self._place(rng, first, 0, side, 0, half - first["radius"])
-            self._place(rng, second, 0, side, half + second["radius"], side)
+            self._place(rng, first, 0, side, 0, half - self._radius(first))
+            self._place(rng, second, 0, side, half + self._radius(second), side)
             first["position"], second["position"] = "top", "bottom"
         templates = _TWO_OBJECTS[layout]
         caption = templates[rng.integers(len(templates))].format(
@@ -206,7 +207,7 @@ class SceneRenderer:
         for obj in objects:
             jitter = rng.integers(-12, 13, size=3).tolist()
             fill = tuple(min(255, max(0, c + j)) for c, j in zip(COLOURS[obj["colour"]], jitter))
-            x, y, r = obj["x"], obj["y"], obj.pop("radius")
+            x, y, r = obj["x"], obj["y"], self._radius(obj)
             if obj["shape"] == "circle":
                 draw.ellipse((x - 0.9 * r, y - 0.9 * r, x + 0.9 * r, y + 0.9 * r), fill=fill)
             else:

@@ -170,6 +170,7 @@ def test_output_does_not_depend_on_workers(tmp_path):
     (["--input", "{tmp}/nope.csv"], "input file not found"),
     (["--input", "{tmp}/t.txt"], "cannot tell the format of"),
     (["--input", "{tmp}/latin1.csv"], "not UTF-8 text"),
+    (["--input", "{tmp}/header_only.csv"], "the input is empty"),
     (["--resize-mode", "stretch"], "invalid choice: 'stretch'"),
     (["--quality", "0"], "expected a number >= 1"),
     (["--shard-size", "many"], "expected a whole number"),
@@ -178,6 +179,7 @@ def test_output_does_not_depend_on_workers(tmp_path):
 def test_csv_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     (tmp_path / "t.csv").write_text("image,caption\nok.jpg,hi\n")
     (tmp_path / "t.txt").write_text("image,caption\n")
+    (tmp_path / "header_only.csv").write_text("image,caption\n")
     (tmp_path / "latin1.csv").write_bytes("image,caption\nok.jpg,caf\u00e9\n".encode("latin-1"))
     argv = ["prep", "csv", "--input", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--quiet"]
     assert _exit_code(argv + [a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
