@@ -163,8 +163,8 @@ def _write_one_shard(out_dir, shard, rows, collected, options):
         "shard": shard,
         "name": shards.shard_name(shard),
         "first_row": collected[0][0],
-        "rows": len(collected),
-        "count": len(members),
+        "count": len(collected),       # img2dataset's meaning: rows tried in this shard
+        "successes": len(members),     # samples written (what loaders count)
         "failed": len(failures),
         "failures": failures,
         "options": options,

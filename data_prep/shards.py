@@ -2,7 +2,7 @@
 
 Layout of one dataset folder:
     00000.tar            {key}.jpg / {key}.txt / {key}.json per sample (key = shard + row-in-shard)
-    00000_stats.json     rows, written count and the failures of that shard
+    00000_stats.json     img2dataset's count (rows tried) and successes, plus this shard's failures
     manifest.json        shards with counts, totals, image size, source, failure count
     sizes.json           {"00000.tar": count, ...}: what open_clip's loader reads for dataset size
     failures.jsonl       one line per row that did not become a sample, with its reason
@@ -151,7 +151,7 @@ def write_manifest(
     """Gather per-shard stats into failures.jsonl, sizes.json and manifest.json (in shard order)."""
     failures = [record for stats in all_stats for record in stats["failures"]]
     atomic_write_text(out_dir / FAILURES, "".join(_json_text(record) + "\n" for record in failures))
-    sizes = {shard_name(stats["shard"]): stats["count"] for stats in all_stats}
+    sizes = {shard_name(stats["shard"]): stats["successes"] for stats in all_stats}
     atomic_write_text(out_dir / SIZES, _json_text(sizes) + "\n")
     manifest = {
         "format": "webdataset",
@@ -160,11 +160,11 @@ def write_manifest(
         "image_size": image_size,
         "shard_size": shard_size,
         "shards": [
-            {"name": shard_name(s["shard"]), "url": shard_name(s["shard"]), "count": s["count"], "rows": s["rows"]}
+            {"name": shard_name(s["shard"]), "url": shard_name(s["shard"]), "count": s["successes"], "rows": s["count"]}
             for s in all_stats
         ],
-        "num_rows": sum(s["rows"] for s in all_stats),
-        "num_samples": sum(s["count"] for s in all_stats),
+        "num_rows": sum(s["count"] for s in all_stats),
+        "num_samples": sum(s["successes"] for s in all_stats),
         "num_failures": len(failures),
         "failures": FAILURES,
         **(extra or {}),

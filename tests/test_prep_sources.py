@@ -88,6 +88,8 @@ def test_csv_counts_failures_and_sample_contents(tmp_path, capsys):
     assert (manifest["num_rows"], manifest["num_samples"], manifest["num_failures"]) == (10, 3, 7)
     assert [(s["name"], s["count"], s["rows"]) for s in manifest["shards"]] == [
         ("00000.tar", 1, 4), ("00001.tar", 0, 4), ("00002.tar", 2, 2)]
+    stats = json.loads((out / "00002_stats.json").read_text())  # img2dataset's fields and meaning
+    assert (stats["count"], stats["successes"], stats["failed"]) == (2, 2, 0)
     failures = _failures(out)
     assert [f["row"] for f in failures] == [1, 2, 3, 4, 5, 6, 7]
     reasons = [f["reason"] for f in failures]

@@ -1,6 +1,7 @@
 """`mmssl prep synthetic`: layout, labels, held-out compositions, determinism, loadability."""
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -94,6 +95,19 @@ def test_loads_with_webdataset_and_open_clip_layout(world):
     assert len(samples) == 300
     assert isinstance(samples[0]["jpg"], Image.Image) and samples[0]["jpg"].size == (64, 64)
     assert samples[0]["__key__"] == "000000000" and samples[-1]["__key__"] == "000020099"
+    # open_clip's training loader: dataset size from sizes.json beside the shards (looked up by
+    # basename), samples grouped by key, kept when they have txt and an image, decoded to RGB
+    pattern = str(world / "train" / "{00000..00002}.tar")
+    expanded = wds.shardlists.expand_urls(pattern)
+    sizes = json.loads((world / "train" / "sizes.json").read_text())
+    assert sum(int(sizes[os.path.basename(url)]) for url in expanded) == 300
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(pattern), wds.tarfile_to_samples(),
+        wds.select(lambda s: "txt" in s and any(k in s for k in ("png", "jpg", "jpeg", "webp"))),
+        wds.decode("pilrgb"), wds.rename(image="jpg;png;jpeg;webp", text="txt"), wds.to_tuple("image", "text"),
+    )
+    pairs = list(pipeline)
+    assert len(pairs) == 300 and pairs[0][0].mode == "RGB" and isinstance(pairs[0][1], str)
     # what open_clip's webdataset pipeline relies on: one key per sample (no dot in it), an image
     # under jpg and a caption under txt, members of a sample next to each other in the tar
     for url in urls:
