@@ -5,6 +5,7 @@ CPU backend, NCCL the GPU one. Only rank 0 writes checkpoints and logs (`is_main
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -49,12 +50,18 @@ def shutdown(env: DistEnv) -> None:
 
 
 def gather_objects(env: DistEnv, obj) -> list:
-    """Every rank's `obj`, indexed by rank (a one-element list in a single process)."""
+    """Every rank's `obj` (tensors and plain data), indexed by rank; `[obj]` in a single process.
+
+    Objects travel as `torch.save` bytes: all_gather_object's own pickling of tensors does not
+    round-trip torch's RNG state tensors.
+    """
     if not env.is_distributed:
         return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payloads = [None] * env.world_size
+    dist.all_gather_object(payloads, buffer.getvalue())
+    return [torch.load(io.BytesIO(payload), weights_only=True) for payload in payloads]
 
 
 def broadcast_object(env: DistEnv, obj):
