@@ -192,3 +192,29 @@ def test_empty_shard_list_is_one_line_and_exit_2(world, tmp_path, capfd):
     assert main(["train", "--config", "tiny", f"data.train={empty}", f"train.output={tmp_path / 'o'}"]) == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("mmssl: error: ")
+
+
+def test_periodic_zero_shot_validation_matches_eval(world, tmp_path):
+    from eval.embed import load_model
+    from eval.zeroshot import run_zeroshot
+
+    train(config(world, tmp_path, f"data.val={world / 'syn/val'}", "train.steps=4", "train.val_every=2",
+                 "train.log_every=2"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [sorted(k for k in r if k.startswith("val/")) for r in records] == [
+        ["val/acc1", "val/acc5", "val/mean_per_class_recall"]] * 2
+    final = run_zeroshot(load_model(str(tmp_path / "checkpoints/latest.pt"), "fp32"), str(world / "syn/val"),
+                         workers=0)["result"]["metrics"]
+    assert records[-1]["val/acc1"] == pytest.approx(final["acc1"])
+    assert records[-1]["val/acc5"] == pytest.approx(final["acc5"])
+
+
+def test_validation_without_eval_package_is_a_message(monkeypatch, capsys):
+    import sys
+
+    from mmssl.train.validation import ZeroShotValidation
+
+    monkeypatch.setitem(sys.modules, "eval.embed", None)
+    validate = ZeroShotValidation("unused", torch.device("cpu"))
+    assert validate(torch.nn.Linear(1, 1)) == {} and validate(torch.nn.Linear(1, 1)) == {}
+    assert capsys.readouterr().err.count("periodic validation skipped") == 1

@@ -135,7 +135,7 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     if cfg.train.val_every:
         from mmssl.train.validation import ZeroShotValidation
 
-        validate = ZeroShotValidation(cfg.data.val, env.device)
+        validate = ZeroShotValidation(cfg.data.val, env.device, cfg.train.precision)
     return Trainer(cfg, env, objective, loader, validate=validate)
 
 
@@ -273,8 +273,7 @@ class Trainer:
         if self.env.is_main and self.validate is not None:
             model = self.objective.model
             model.eval()
-            with torch.no_grad(), self.autocast():
-                metrics = self.validate(model)
+            metrics = self.validate(model)
             model.train()
         return {f"val/{name}": value for name, value in metrics.items()}
 
