@@ -286,3 +286,17 @@ def test_coco_bad_json_is_a_user_error(tmp_path, capsys):
     assert main(["prep", "coco", "--captions", str(tmp_path / "c.json"), "--images", str(tmp_path / "img"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "needs 'images' and 'annotations' lists" in capsys.readouterr().err
+
+
+def test_folder_classnames_file_gives_readable_names(tmp_path, capsys):
+    root = tmp_path / "in"
+    _image(root / "n01443537" / "a.jpg")
+    _image(root / "n01491361" / "b.jpg", seed=1)
+    (tmp_path / "names.txt").write_text("goldfish\ntiger shark\n")
+    folder.prepare(root, tmp_path / "out", classnames_file=tmp_path / "names.txt", image_size=16, quiet=True)
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "goldfish\ntiger shark\n"
+    assert [s["txt"] for s in _samples(tmp_path / "out").values()] == ["goldfish", "tiger shark"]
+    (tmp_path / "short.txt").write_text("goldfish\n")
+    assert main(["prep", "folder", "--input", str(root), "--out", str(tmp_path / "o2"),
+                 "--classnames", str(tmp_path / "short.txt")]) == 2
+    assert "has 1 names for 2 class folders" in capsys.readouterr().err
