@@ -11,7 +11,7 @@ from PIL import Image
 import mmssl
 from mmssl.config import ExperimentConfig, ModelConfig, to_dict
 from mmssl.errors import UserError
-from mmssl.models import image_transform
+from mmssl.models import image_transform, register_with_open_clip
 from mmssl.models.factory import MODEL_CONFIG_DIR
 
 CAPTIONS = ["a small red circle on the left", "there is a blue star and a green square"]
@@ -55,9 +55,10 @@ def test_forward_returns_open_clip_dict_and_tokenizer_uses_config_context(tiny):
     assert out["image_features"].shape == out["text_features"].shape == (2, 128)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2))  # open_clip normalises in forward
     assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-6)
-    # same ids as open_clip's own tokenizer for a registered config of the same context length
-    open_clip.add_model_config(MODEL_CONFIG_DIR / "tiny-vit-64.json")
+    # open_clip itself, once the bundled configs are registered: same ids at context 32, same size
+    register_with_open_clip()
     assert torch.equal(tokens, open_clip.get_tokenizer("tiny-vit-64")(CAPTIONS))
+    assert sum(p.numel() for p in open_clip.create_model("tiny-vit-64").parameters()) == 13_151_233
 
 
 def test_bundled_configs_are_open_clip_model_configs():
@@ -132,6 +133,9 @@ def test_pretrained_local_weights(tiny, tmp_path, kind):
     model = mmssl.create_model("tiny-vit-64", pretrained=str(path))
     for key, value in tiny.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    if kind == "open_clip_safetensors":  # the eval CLI's --checkpoint openclip:NAME:PATH form
+        prefixed = mmssl.create_model(f"openclip:tiny-vit-64:{path}")
+        assert torch.equal(prefixed.visual.proj, tiny.visual.proj)
 
 
 def test_hf_text_tower_is_pretrained_minilm_with_mean_pooling(minilm_dir):

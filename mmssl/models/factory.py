@@ -21,13 +21,15 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 
-from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
+import mmssl.configs
+from mmssl.config import ModelConfig, from_dict
 from mmssl.errors import UserError
 from mmssl.models.hf_text import hf_text_cfg, quiet_transformers
 from mmssl.models.locking import apply_locking
 from mmssl.models.tokenizers import build_tokenizer
 
-MODEL_CONFIG_DIR = BUNDLED_DIR / "models"
+# the installed `mmssl.configs` package (the repo's configs/ in an editable install, mmssl/configs in a wheel)
+MODEL_CONFIG_DIR = Path(mmssl.configs.__file__).resolve().parent / "models"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 OPENCLIP_PREFIX = "openclip:"
 
@@ -36,6 +38,13 @@ def list_models() -> list[str]:
     """Bundled model configs first, then every architecture open_clip knows."""
     bundled = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
     return bundled + [name for name in open_clip.list_models() if name not in bundled]
+
+
+def register_with_open_clip() -> None:
+    """Make open_clip itself know the bundled configs (`open_clip.create_model("tiny-vit-64")`,
+    `open_clip.get_tokenizer(...)`, and open_clip's trainer with `--model tiny-vit-64`, when called
+    in the same process before `open_clip_train.main.main(argv)`)."""
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def create_model(config_or_name: Any, *, siglip: bool = False, **overrides) -> torch.nn.Module:
@@ -78,8 +87,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        # our own format also holds optimizer state and RNG states, which weights_only rejects
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors + plain data only
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     if not (isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint):
@@ -141,7 +149,10 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
     if not file.is_file():
         raise UserError(f"model.pretrained: weights file not found: {path}")
     if file.suffix in CHECKPOINT_SUFFIXES:
-        payload = torch.load(file, map_location="cpu", weights_only=False)
+        try:
+            payload = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a file it cannot read safely
+            raise UserError(f"model.pretrained: {path} is not a readable weights file ({type(err).__name__})") from None
         if isinstance(payload, dict) and "model" in payload and "config" in payload:
             _load_state_dict(model, payload["model"], path)
             return
