@@ -35,9 +35,13 @@ OPENCLIP_PREFIX = "openclip:"
 
 
 def list_models() -> list[str]:
-    """Bundled model configs first, then every architecture open_clip knows."""
+    """Bundled model configs first, then every dual-encoder architecture open_clip knows (no CoCa)."""
     bundled = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
-    return bundled + [name for name in open_clip.list_models() if name not in bundled]
+    builtin = [
+        name for name in open_clip.list_models()
+        if name not in bundled and "multimodal_cfg" not in open_clip.get_model_config(name)
+    ]
+    return bundled + builtin
 
 
 def register_with_open_clip() -> None:
