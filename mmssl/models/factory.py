@@ -56,10 +56,10 @@ def create_model(config_or_name: Any, *, siglip: bool = False, **overrides) -> t
 
     `overrides` are `ModelConfig` fields (e.g. `lock_image=True`, `patch_dropout=0.5`).
     `siglip=True` adds the learnable `logit_bias` SigLIP needs (init -10, logit scale init log 10,
-    as in open_clip's SigLIP configs). A checkpoint
-    path (`.pt`) rebuilds the model from the checkpoint's `config["model"]`, loads its `model` state
-    dict, ignores auxiliary `heads`, and returns it in eval mode. `"openclip:NAME[:WEIGHTS]"` builds
-    open_clip's NAME with optional local open_clip-format weights.
+    as in open_clip's SigLIP configs). A checkpoint path (`.pt`) rebuilds the model from the
+    checkpoint's `config["model"]`, loads its `model` state dict, ignores auxiliary `heads`, and
+    returns it in eval mode. `"openclip:NAME[:WEIGHTS]"` builds open_clip's NAME with optional
+    local open_clip-format weights.
     """
     if isinstance(config_or_name, ModelConfig):
         return build_model(_with_overrides(config_or_name, overrides), siglip=siglip)
