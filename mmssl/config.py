@@ -17,9 +17,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+import mmssl.configs
 from mmssl.errors import UserError
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the installed `mmssl.configs` package: the repo's configs/ in an editable install, mmssl/configs in a wheel
+BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 
 
 @dataclass

@@ -21,15 +21,15 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 
-import mmssl.configs
-from mmssl.config import ModelConfig, from_dict
+
+from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
 from mmssl.errors import UserError
 from mmssl.models.hf_text import hf_text_cfg, quiet_transformers
 from mmssl.models.locking import apply_locking
 from mmssl.models.tokenizers import build_tokenizer
 
 # the installed `mmssl.configs` package (the repo's configs/ in an editable install, mmssl/configs in a wheel)
-MODEL_CONFIG_DIR = Path(mmssl.configs.__file__).resolve().parent / "models"
+MODEL_CONFIG_DIR = BUNDLED_DIR / "models"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 OPENCLIP_PREFIX = "openclip:"
 
