@@ -21,7 +21,6 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 
-
 from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
 from mmssl.errors import UserError
 from mmssl.models.hf_text import hf_text_cfg, quiet_transformers
