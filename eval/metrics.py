@@ -54,13 +54,12 @@ def mean_per_class_recall(predictions, labels) -> float:
     return float(np.mean(hits / counts))
 
 
-def per_class_recall(predictions, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, support) per class id 0..num_classes-1; recall is NaN for classes without samples."""
+def per_class_counts(predictions, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(correct top-1 predictions, samples) per class id 0..num_classes-1; recall = correct / samples."""
     predictions, labels = _as_numpy(predictions, np.int64), _as_numpy(labels, np.int64)
     support = np.bincount(labels, minlength=num_classes)
-    hits = np.bincount(labels[predictions == labels], minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, hits / np.maximum(support, 1), np.nan), support
+    correct = np.bincount(labels[predictions == labels], minlength=num_classes)
+    return correct, support
 
 
 def retrieval_metrics(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from eval.metrics import classification_metrics, per_class_recall, retrieval_metrics
+from eval.metrics import classification_metrics, per_class_counts, retrieval_metrics
 
 
 def test_classification_hand_computed_with_ties_and_three_classes():
@@ -54,10 +54,10 @@ def test_mean_per_class_recall_equals_sklearn_balanced_accuracy():
     assert metrics["acc5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(1)))
 
 
-def test_per_class_recall_and_support():
-    recall, support = per_class_recall([0, 1, 1, 2], [0, 1, 2, 2], num_classes=4)
+def test_per_class_counts():
+    correct, support = per_class_counts([0, 1, 1, 2], [0, 1, 2, 2], num_classes=4)
+    assert correct.tolist() == [1, 1, 1, 0]
     assert support.tolist() == [1, 1, 2, 0]
-    assert recall[:3].tolist() == [1.0, 1.0, 0.5] and math.isnan(recall[3])
 
 
 def test_classification_rejects_bad_inputs():

@@ -1,0 +1,110 @@
+"""`mmssl eval zeroshot | retrieval | linear-probe`: CLIP_benchmark-style JSON on stdout (and --output).
+
+Only argparse and pathlib at import time: torch, open_clip and FAISS load inside the handlers.
+NaN metrics (acc5 with fewer than 5 classes) are written as JSON null so any JSON reader accepts them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="zero-shot classification, retrieval, linear probe")
+    tasks = parser.add_subparsers(dest="eval_task", metavar="TASK", parser_class=type(parser))
+    tasks.required = True
+
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a labelled set")
+    _add_model_options(zeroshot)
+    zeroshot.add_argument("--data", required=True, help="labelled shards (folder/pattern) or a class-folder tree")
+    zeroshot.add_argument("--classnames", help="FILE, or imagenet|cifar10|cifar100 (default: DATA/classnames.txt, "
+                                               "else the class folder names)")
+    zeroshot.add_argument("--templates", help="FILE (one template per line with {}), or openai|simple "
+                                              "(default: DATA/templates.txt, else openai)")
+    zeroshot.add_argument("--per-class", type=Path, help="write a per-class recall table (CSV)")
+    zeroshot.add_argument("--confusion", type=Path, help="write a confusion-matrix image (PNG)")
+    zeroshot.set_defaults(func=run_zeroshot_command)
+
+    retrieval = tasks.add_parser("retrieval", help="image<->text retrieval on a captioned set")
+    _add_model_options(retrieval)
+    retrieval.add_argument("--data", required=True, help="captioned shards (json 'captions' list, else .txt)")
+    retrieval.set_defaults(func=run_retrieval_command)
+
+    probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
+    _add_model_options(probe)
+    probe.add_argument("--train", required=True, help="labelled training set")
+    probe.add_argument("--test", required=True, help="labelled test set")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    probe.set_defaults(func=run_linear_probe_command)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="mmssl checkpoint (.pt or run folder), or openclip:NAME[:WEIGHTS]")
+    parser.add_argument("--output", type=Path, help="also write the result JSON here")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 on CUDA or CPUs with native bf16, else fp32")
+
+
+def run_zeroshot_command(args) -> int:
+    from eval.embed import load_model
+    from eval.zeroshot import run_zeroshot, write_confusion, write_per_class
+
+    outcome = run_zeroshot(load_model(args.checkpoint, args.precision), args.data, args.classnames,
+                           args.templates, args.batch_size, args.workers)
+    if args.per_class:
+        write_per_class(args.per_class, outcome["logits"], outcome["labels"], outcome["classnames"])
+    if args.confusion:
+        write_confusion(args.confusion, outcome["logits"], outcome["labels"], outcome["classnames"])
+    _emit(outcome["result"], args.output)
+
+
+def run_retrieval_command(args) -> int:
+    from eval.embed import load_model
+    from eval.retrieval import run_retrieval
+
+    outcome = run_retrieval(load_model(args.checkpoint, args.precision), args.data, args.batch_size, args.workers)
+    _emit(outcome["result"], args.output)
+
+
+def run_linear_probe_command(args) -> int:
+    from eval.embed import load_model
+    from eval.linear_probe import run_linear_probe
+
+    result = run_linear_probe(load_model(args.checkpoint, args.precision), args.train, args.test,
+                              args.batch_size, args.workers, args.seed)
+    _emit(result, args.output)
+
+
+def _emit(result: dict, output: Path | None) -> None:
+    text = json.dumps(_nan_to_null(result), indent=2)
+    print(text)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+
+
+def _nan_to_null(value):
+    if isinstance(value, dict):
+        return {key: _nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value

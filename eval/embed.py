@@ -1,0 +1,272 @@
+"""Frozen features for evaluation: load a model, read an eval set, embed it in batches.
+
+One place decides how evaluation touches a model, so zero-shot, retrieval and the linear probe
+agree: inference mode, bf16 autocast where the hardware has native bf16 (it roughly halves the
+cost of the matrix products; features are cast back to float32 before normalising), L2-normalised
+float32 numpy features out. Shards go through `mmssl.data`'s eval loader (corrupt samples skipped
+and counted); ImageNet-style class folders through a small torch dataset with the same contract.
+The time spent inside the encoders is recorded so benchmarks can report the loader's overhead.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mmssl.errors import UserError
+
+OPENCLIP_PREFIX = "openclip:"
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class LoadedModel:
+    """A dual encoder ready for evaluation, with what the output JSON says about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    transform: object
+    name: str            # architecture, e.g. tiny-vit-64 (CLIP_benchmark's "model")
+    pretrained: str      # the checkpoint / weights file, or "random-init" (CLIP_benchmark's "pretrained")
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+
+
+@dataclass
+class Embedded:
+    """Normalised image features of one pass over an eval set, with labels / captions per sample."""
+
+    features: np.ndarray                 # [N, D] float32, unit norm
+    labels: Optional[np.ndarray]         # [N] int64, or None when the set has no labels
+    captions: list                       # per sample, the list of its captions
+    keys: list
+    skipped: int                         # corrupt samples skipped
+    expected: Optional[int]              # samples the manifest announces (None: unknown)
+    encode_seconds: float = 0.0          # time inside model.encode_image
+    seconds: float = 0.0                 # wall time of the whole pass (loading included)
+
+
+def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
+    """An mmssl checkpoint (file, or a run folder's checkpoints/latest.pt) or `openclip:NAME[:WEIGHTS]`."""
+    import mmssl
+    from mmssl.models import image_transform
+
+    source = resolve_checkpoint(checkpoint)
+    model = mmssl.create_model(source).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if source.startswith(OPENCLIP_PREFIX):
+        pretrained = source[len(OPENCLIP_PREFIX):].partition(":")[2] or "random-init"
+    else:
+        pretrained = source
+    return LoadedModel(
+        model=model,
+        tokenizer=model.tokenizer,
+        transform=image_transform(model, train=False),
+        name=getattr(model, "model_name", type(model).__name__),
+        pretrained=pretrained,
+        device=device,
+        autocast_dtype=autocast_dtype(precision, device),
+    )
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """The file to load; a training output folder means its checkpoints/latest.pt."""
+    if checkpoint.startswith(OPENCLIP_PREFIX):
+        weights = checkpoint[len(OPENCLIP_PREFIX):].partition(":")[2]
+        if weights and not Path(weights).is_file():
+            raise UserError(f"weights file not found: {weights}")
+        return checkpoint
+    path = Path(checkpoint)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
+            if candidate.exists():
+                return str(candidate)
+        raise UserError(f"no checkpoint in {path} (expected checkpoints/latest.pt)")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {checkpoint} (a .pt file, a run folder, or openclip:NAME[:WEIGHTS])")
+    return checkpoint
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX) for "auto"; None means fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else None
+
+
+def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2):
+    """An iterable of `mmssl.data.EvalBatch` over shards (folder with manifest/tars, brace pattern)
+    or over an ImageNet-style class folder; it exposes `corrupt_count` and `num_samples`."""
+    from mmssl.data import build_eval_loader
+
+    if _is_class_folder(data):
+        return ClassFolderLoader(Path(data), transform, batch_size, workers)
+    if "{" not in data and "::" not in data and not Path(data).exists():
+        raise UserError(f"data not found: {data}")
+    return build_eval_loader(data, transform=transform, batch_size=batch_size, num_workers=workers)
+
+
+def embed_images(loaded: LoadedModel, batches, description: str = "images") -> Embedded:
+    """Normalised image features of every sample `batches` yields, keeping labels and captions."""
+    features, labels, captions, keys = [], [], [], []
+    encode_seconds = 0.0
+    start = time.perf_counter()
+    progress = _progress(getattr(batches, "num_samples", None), description, "img")
+    with torch.inference_mode(), precision_context(loaded):
+        for batch in batches:
+            tick = time.perf_counter()
+            encoded = loaded.model.encode_image(batch.images.to(loaded.device, non_blocking=True))
+            features.append(_normalise(encoded))
+            encode_seconds += time.perf_counter() - tick
+            labels.append(batch.labels)
+            captions.extend(batch.captions)
+            keys.extend(batch.keys)
+            progress.update(len(batch.keys))
+    progress.close()
+    if not features:
+        raise UserError(f"no usable samples in the data ({batches.corrupt_count} corrupt ones skipped)")
+    has_labels = all(label is not None for label in labels)
+    return Embedded(
+        features=np.concatenate(features),
+        labels=torch.cat(labels).numpy() if has_labels else None,
+        captions=captions,
+        keys=keys,
+        skipped=batches.corrupt_count,
+        expected=getattr(batches, "num_samples", None),
+        encode_seconds=encode_seconds,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def embed_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256,
+                description: str = "texts") -> tuple[np.ndarray, float]:
+    """(normalised text features [len(texts), D], seconds inside model.encode_text)."""
+    features, encode_seconds = [], 0.0
+    progress = _progress(len(texts), description, "txt")
+    with torch.inference_mode(), precision_context(loaded):
+        for start in range(0, len(texts), batch_size):
+            tokens = loaded.tokenizer(list(texts[start:start + batch_size])).to(loaded.device)
+            tick = time.perf_counter()
+            features.append(_normalise(loaded.model.encode_text(tokens)))
+            encode_seconds += time.perf_counter() - tick
+            progress.update(len(tokens))
+    progress.close()
+    return np.concatenate(features), encode_seconds
+
+
+def _normalise(encoded: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(encoded.float(), dim=-1).cpu().numpy()
+
+
+@contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """model.eval() for the duration (dropout off), then the caller's train/eval state back:
+    periodic validation during training hands us a model in training mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def precision_context(loaded: LoadedModel):
+    """bf16 autocast when the loaded model runs in bf16, else a no-op context."""
+    enabled = loaded.autocast_dtype is not None
+    return torch.autocast(loaded.device.type, dtype=loaded.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+
+def _progress(total: Optional[int], description: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"embedding {description}", unit=unit,
+                leave=False, dynamic_ncols=True)
+
+
+# --- ImageNet-style class folders ------------------------------------------------------------
+
+
+def _is_class_folder(data: str) -> bool:
+    """A folder of class sub-folders (no shards, no manifest): CLIP_benchmark's / torchvision's layout."""
+    path = Path(data)
+    if not path.is_dir() or (path / "manifest.json").exists() or any(path.glob("*.tar")):
+        return False
+    return any(child.is_dir() for child in path.iterdir())
+
+
+class _FolderImages(torch.utils.data.Dataset):
+    """(image tensor or None if corrupt, label, key) per file."""
+
+    def __init__(self, files: list, labels: list, root: Path, transform):
+        self.files, self.labels, self.root, self.transform = files, labels, root, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                tensor = self.transform(image.convert("RGB"))
+        except Exception:  # an unreadable image is a property of the data: skip and count it
+            tensor = None
+        return tensor, self.labels[index], str(path.relative_to(self.root))
+
+
+def _collate_folder(samples: list):
+    from mmssl.data import EvalBatch
+
+    good = [sample for sample in samples if sample[0] is not None]
+    if not good:
+        return None, len(samples)
+    images, labels, keys = zip(*good)
+    batch = EvalBatch(torch.stack(images), torch.tensor(labels), [[] for _ in good], list(keys))
+    return batch, len(samples) - len(good)
+
+
+class ClassFolderLoader:
+    """Batches over `root/<class>/<image>`; classes are the sorted sub-folder names (label = position)."""
+
+    def __init__(self, root: Path, transform, batch_size: int = 256, workers: int = 2):
+        self.root = root
+        self.classes = sorted(child.name for child in root.iterdir() if child.is_dir())
+        files, labels = [], []
+        for label, name in enumerate(self.classes):
+            found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS)
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            raise UserError(f"no images in the class folders of {root}")
+        self.dataset = _FolderImages(files, labels, root, transform)
+        self.batch_size, self.workers = batch_size, workers
+        self.corrupt_count = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterable:
+        self.corrupt_count = 0
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=_collate_folder
+        )
+        for batch, corrupt in loader:
+            self.corrupt_count += corrupt
+            if batch is not None:
+                yield batch
