@@ -16,6 +16,15 @@ CAPTIONS = [
     "a purple cross on the left and an orange diamond on the right",
 ]
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread beats two threads fighting over a busy 2-core machine (~10x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
@@ -140,15 +149,6 @@ def _train(head, trained, model, tokens, steps, lr):
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-def test_native_mlm_loss_decreases(micro_model):
-    torch.manual_seed(4)
-    model = mmssl.create_model(micro_model.model_config)
-    head = MLMHead(model, mask_prob=0.3)
-    both = torch.nn.ModuleList([head, model])
-    losses = _train(head, both, model, model.tokenizer(CAPTIONS * 4), steps=20, lr=3e-3)
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 
 def test_hf_tower_uses_its_mask_token(hf_model):
