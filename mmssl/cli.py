@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "eval.index.cli",       # index build|search
     "eval.serve",           # serve
     "mmssl.quickstart",     # quickstart
+    "mmssl.report",         # report (HTML from a quickstart folder)
 )
 
 
