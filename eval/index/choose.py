@@ -1,0 +1,137 @@
+"""Pick a FAISS index type from the collection size and a memory budget, the way autofaiss does.
+
+Why a rule and not a sweep: building candidate indexes on millions of vectors costs minutes each,
+while the trade-offs are well known (faiss wiki "Guidelines to choose an index", autofaiss'
+`get_optimal_index_keys_v2`). In order of preference, every one inner product on unit vectors:
+
+1. exact `Flat` for small collections (a brute-force scan is then both fast and perfect);
+2. `HNSW{M}` graph (best speed/recall on CPU) when vectors plus 2*M int32 links per vector fit,
+   with M = 32 where room allows and never below 8;
+3. `IVF{nlist},Flat` (vectors plus one id per vector) when the graph does not fit;
+4. `OPQ{m}_{d'},IVF{nlist},PQ{m}x8` compressed to m bytes per vector otherwise, with the largest
+   m the budget allows.
+
+nlist is the power of two nearest 4*sqrt(N) (autofaiss' rule below 1M vectors; we keep it above
+1M too, where autofaiss jumps to 16384+ cells, because k-means over that many cells is an hour on
+a small CPU box).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from mmssl.errors import UserError
+
+FLAT_MAX_VECTORS = 20_000     # below this an exact scan of 512-d vectors costs ~1 ms per query
+PQ_MIN_VECTORS = 10_000       # PQ with 256 centroids per sub-quantizer needs ~39*256 training points
+HNSW_MAX_M = 32
+HNSW_MIN_M = 8
+HNSW_EF_CONSTRUCTION = 40     # faiss' default
+OPQ_ITERATIONS = 25           # faiss' default is 50; the rotation has mostly converged by 25
+PQ_BYTES_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+ID_BYTES = 8                  # inverted lists store one int64 id per vector
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
+          "T": 2**40, "TB": 2**40}
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build: the faiss factory string, its knobs, and why it was chosen."""
+
+    kind: str                      # flat | hnsw | ivf_flat | opq_ivf_pq
+    factory: str                   # faiss.index_factory description
+    memory_bytes: int              # estimated size of the built index
+    reason: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def search_param(self) -> str | None:
+        """The knob that trades speed for recall at query time (None: exact)."""
+        return {"hnsw": "efSearch", "ivf_flat": "nprobe", "opq_ivf_pq": "nprobe"}.get(self.kind)
+
+
+def parse_memory(text: str | int) -> int:
+    """'4G', '512MB', '1.5G', '2000000' -> bytes (binary units, like autofaiss' '4G')."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", str(text).upper())
+    if not match:
+        raise UserError(f"bad memory size {text!r}: use a number with an optional unit, e.g. 4G, 512M")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value <= 0:
+        raise UserError(f"memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def nlist_for(num_vectors: int) -> int:
+    """IVF cells: the power of two nearest 4*sqrt(N), capped so each cell trains on >= 40 points."""
+    nearest = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_vectors))))
+    cap = 2 ** int(math.log2(max(1, num_vectors // 40)))
+    return max(1, min(nearest, cap))
+
+
+def flat_bytes(n: int, d: int) -> int:
+    return 4 * n * d
+
+
+def hnsw_bytes(n: int, d: int, m: int) -> int:
+    """Vectors, 2*M level-0 links (int32), ~1 upper-level link on average, per-node bookkeeping."""
+    return n * (4 * d + 4 * (2 * m + 1) + 16)
+
+
+def ivf_flat_bytes(n: int, d: int, nlist: int) -> int:
+    return n * (4 * d + ID_BYTES) + 4 * nlist * d
+
+
+def opq_ivf_pq_bytes(n: int, d: int, nlist: int, m: int, d_out: int) -> int:
+    """Codes and ids, coarse centroids, PQ codebooks (256 per sub-space) and the OPQ rotation."""
+    return n * (m + ID_BYTES) + 4 * nlist * d_out + 4 * 256 * d_out + 4 * d * d_out
+
+
+def opq_output_dim(d: int, m: int) -> int:
+    """OPQ rotates into d' = the largest multiple of m not above d (PQ splits d' into m parts)."""
+    return max(m, (d // m) * m)
+
+
+def choose_index(num_vectors: int, dim: int, memory_budget: int,
+                 flat_max_vectors: int = FLAT_MAX_VECTORS) -> IndexPlan:
+    """The first index type, in the order of the module docstring, that fits the budget."""
+    if num_vectors < 1:
+        raise UserError("cannot build an index over 0 vectors")
+    n, d, budget = num_vectors, dim, memory_budget
+    if n < flat_max_vectors and flat_bytes(n, d) <= budget:
+        return IndexPlan("flat", "Flat", flat_bytes(n, d), f"{n} vectors < {flat_max_vectors}: exact search")
+    m_hnsw = min(HNSW_MAX_M, (budget // n - 4 * d - 20) // 8)
+    while m_hnsw >= HNSW_MIN_M and hnsw_bytes(n, d, m_hnsw) > budget:
+        m_hnsw -= 1
+    if m_hnsw >= HNSW_MIN_M:
+        return IndexPlan("hnsw", f"HNSW{m_hnsw}", hnsw_bytes(n, d, m_hnsw),
+                         f"vectors plus an M={m_hnsw} graph fit the budget",
+                         {"M": m_hnsw, "efConstruction": HNSW_EF_CONSTRUCTION})
+    nlist = nlist_for(n)
+    if ivf_flat_bytes(n, d, nlist) <= budget:
+        return IndexPlan("ivf_flat", f"IVF{nlist},Flat", ivf_flat_bytes(n, d, nlist),
+                         "an HNSW graph does not fit; uncompressed inverted lists do", {"nlist": nlist})
+    return _choose_pq(n, d, budget, nlist)
+
+
+def _choose_pq(n: int, d: int, budget: int, nlist: int) -> IndexPlan:
+    if n < PQ_MIN_VECTORS:
+        raise UserError(f"memory budget of {budget} bytes is too small for {n} vectors of dim {d}: "
+                        f"needs at least {ivf_flat_bytes(n, d, nlist)} bytes (PQ compression needs "
+                        f">= {PQ_MIN_VECTORS} vectors)")
+    for m in PQ_BYTES_CHOICES:
+        if 2 * m > d:  # at least two dimensions per sub-quantizer
+            continue
+        d_out = opq_output_dim(d, m)
+        size = opq_ivf_pq_bytes(n, d, nlist, m, d_out)
+        if size <= budget:
+            return IndexPlan("opq_ivf_pq", f"OPQ{m}_{d_out},IVF{nlist},PQ{m}x8", size,
+                             f"uncompressed vectors do not fit; {m}-byte PQ codes do",
+                             {"nlist": nlist, "pq_bytes": m, "opq_dim": d_out, "opq_iterations": OPQ_ITERATIONS})
+    smallest = min(m for m in PQ_BYTES_CHOICES if 2 * m <= d)
+    needed = opq_ivf_pq_bytes(n, d, nlist, smallest, opq_output_dim(d, smallest))
+    raise UserError(f"memory budget of {budget} bytes is too small for {n} vectors of dim {d}: "
+                    f"even {smallest}-byte PQ codes need {needed} bytes")

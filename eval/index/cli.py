@@ -1,0 +1,140 @@
+"""`mmssl index build` and `mmssl index search`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MAX_K = 1000
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("index", help="build and query FAISS search indexes")
+    commands = parser.add_subparsers(dest="index_command", metavar="{build,search}",
+                                     parser_class=type(parser))
+    commands.required = True
+
+    build = commands.add_parser(
+        "build", help="embed shards with a model (or take an embeddings .npy) and build a tuned index",
+        description="Index type chosen from size and --memory-budget (Flat, HNSW, IVF-Flat, OPQ+IVF+PQ); "
+                    "efSearch/nprobe tuned to --recall-target; the choice and measured recall go to "
+                    "OUT/index_info.json.")
+    build.add_argument("--checkpoint", help="mmssl checkpoint, run folder, or openclip:NAME[:WEIGHTS]; "
+                       "embeds --data and later the queries")
+    build.add_argument("--data", help="shards to index: a folder with manifest.json or a brace pattern")
+    build.add_argument("--embeddings", help="precomputed embeddings (.npy, one row per item) instead of --data")
+    build.add_argument("--metadata", help="parquet with one row per embedding (key, caption, url, ...)")
+    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument("--memory-budget", default="4G", help="most memory the index may use (default 4G)")
+    build.add_argument("--recall-target", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
+    build.add_argument("--batch-size", type=int, default=256)
+    build.add_argument("--workers", type=int, default=2, help="data loader processes for --data")
+    build.set_defaults(func=run_build)
+
+    search = commands.add_parser("search", help="print the top-k items for a text or image query")
+    search.add_argument("--index", required=True, help="index folder made by `mmssl index build`")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="text query")
+    query.add_argument("--image", help="image file query")
+    search.add_argument("-k", type=int, default=10, help=f"results to print (1..{MAX_K}, default 10)")
+    search.add_argument("--output", type=Path, help="also write the hits as JSON here (with each hit's metadata row)")
+    search.set_defaults(func=run_search)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from eval.index.build import build_index
+    from eval.index.choose import parse_memory
+    from eval.index.collection import from_embeddings, from_shards
+    from eval.index.store import save_index_folder
+    from mmssl.errors import require
+
+    require((args.data is None) != (args.embeddings is None), "give exactly one of --data or --embeddings")
+    require(args.data is None or args.checkpoint is not None, "--data needs --checkpoint to embed the images")
+    require(args.metadata is None or args.embeddings is not None, "--metadata goes with --embeddings")
+    require(0.0 < args.recall_target <= 1.0, f"--recall-target must be in (0, 1], got {args.recall_target}")
+    require(args.batch_size > 0 and args.workers >= 0, "--batch-size must be > 0 and --workers >= 0")
+    parse_memory(args.memory_budget)
+    model = model_reference(args.checkpoint) if args.checkpoint else None
+
+    if args.data is not None:
+        from eval.index.query import load_query_model
+
+        collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers)
+    else:
+        collection = from_embeddings(args.embeddings, args.metadata)
+        if model is not None:
+            _check_model_dim(model, collection.vectors.shape[1])
+    index, info = build_index(collection.vectors, args.memory_budget, args.recall_target,
+                              queries=collection.queries, query_source=collection.query_source)
+    info = save_index_folder(args.out, index, {**info, "source": collection.source}, collection.metadata, model)
+    tuning, built = info["tuning"], info["index"]
+    knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
+    print(f"indexed {info['count']} vectors ({info['dim']}-d) as {built['factory']}{knob}: "
+          f"recall@{tuning['k']} {tuning['recall']:.3f} (target {tuning['recall_target']}"
+          f"{'' if tuning['target_reached'] else ', NOT reached'}), "
+          f"~{built['memory_estimate_bytes'] / 2**20:.1f} MiB, built in {info['timings_s']['total']:.1f} s "
+          f"-> {Path(args.out) / 'index_info.json'}")
+    return 0
+
+
+def model_reference(checkpoint: str) -> str:
+    """What index_info.json records: an absolute checkpoint path, or the openclip: spec."""
+    from eval.embed import OPENCLIP_PREFIX, resolve_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint)
+    if resolved.startswith(OPENCLIP_PREFIX):
+        name, sep, weights = resolved[len(OPENCLIP_PREFIX):].partition(":")
+        return f"{OPENCLIP_PREFIX}{name}{sep}{Path(weights).resolve() if weights else ''}"
+    return str(Path(resolved).resolve())
+
+
+def _check_model_dim(model: str, dim: int) -> None:
+    from eval.index.query import QueryEncoder
+    from mmssl.errors import UserError
+
+    model_dim = QueryEncoder.from_checkpoint(model).encode_texts([""]).shape[1]
+    if model_dim != dim:
+        raise UserError(f"--checkpoint embeds into {model_dim} dimensions but --embeddings are {dim}-d")
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from eval.index.query import decode_image
+    from eval.index.search import Searcher
+    from mmssl.errors import UserError, require
+
+    require(1 <= args.k <= MAX_K, f"-k must be in 1..{MAX_K}, got {args.k}")
+    require(args.text is None or args.text.strip() != "", "--text is empty")
+    searcher = Searcher.open(args.index)
+    if args.text is not None:
+        hits = searcher.search_texts([args.text], args.k)[0]
+    else:
+        path = Path(args.image)
+        if not path.is_file():
+            raise UserError(f"image not found: {path}")
+        try:
+            image = decode_image(path.read_bytes())
+        except UserError:
+            raise UserError(f"{path}: not a readable image") from None
+        hits = searcher.search_images([image], args.k)[0]
+    width = max([len("key")] + [len(hit.key) for hit in hits])
+    print(f"{'rank':>4}  {'score':>7}  {'key':<{width}}  caption")
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.key:<{width}}  {hit.caption}")
+    if args.output:
+        _write_hits(args.output, args, hits, searcher.folder.metadata)
+    return 0
+
+
+def _write_hits(path: Path, args: argparse.Namespace, hits: list, metadata) -> None:
+    """The query and its hits; each hit carries its full metadata row (where the image is stored, ...)."""
+    import json
+    from dataclasses import asdict
+
+    record = {
+        "index": args.index,
+        "query": args.text if args.text is not None else args.image,
+        "query_type": "text" if args.text is not None else "image",
+        "k": args.k,
+        "results": [{**metadata.row(hit.id), **asdict(hit)} for hit in hits],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")

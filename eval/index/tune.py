@@ -1,0 +1,103 @@
+"""Exact neighbours, recall@k, and the search-time knob (efSearch / nprobe) tuned to a recall target.
+
+Why tune at build time: the same HNSW or IVF index is fast-and-sloppy or slow-and-exact depending
+on one number, and the right number depends on the data. We measure recall@k against exact
+search on a query sample and keep the smallest value that reaches the target (recall grows with
+both knobs), so serving is as fast as the target allows. The exact side is computed in chunks of
+the collection so that it never needs a second full copy of the vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+HNSW_EF_SEARCH_MAX = 4096
+
+
+@dataclass
+class TuneResult:
+    param: str | None          # efSearch | nprobe | None for exact indexes
+    value: int | None
+    recall: float              # recall@k at that value on the query sample
+    target_reached: bool
+    curve: list                # [[value, recall], ...] in the order measured
+
+
+def exact_search(chunks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of queries against the concatenation of `chunks` (an iterable of arrays)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_ids = np.empty((len(queries), 0), dtype=np.int64)
+    start = 0
+    for chunk in chunks:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        scores, ids = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_ids = np.concatenate([best_ids, ids + start], axis=1)
+        keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, keep, axis=1)
+        best_ids = np.take_along_axis(best_ids, keep, axis=1)
+        start += len(chunk)
+    return best_scores, best_ids
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k found in its approximate top-k (faiss' 'k-recall@k')."""
+    k = truth.shape[1]
+    hits = sum(len(np.intersect1d(f[:k], t)) for f, t in zip(found, truth))
+    return hits / truth.size
+
+
+def set_search_param(index: faiss.Index, param: str | None, value: int | None) -> None:
+    """Set efSearch / nprobe through wrappers (OPQ pre-transforms) the way faiss' ParameterSpace does."""
+    if param is not None:
+        faiss.ParameterSpace().set_index_parameter(index, param, int(value))
+
+
+def tune_search_param(index: faiss.Index, param: str | None, queries: np.ndarray, truth: np.ndarray,
+                      target: float, max_value: int) -> TuneResult:
+    """Smallest value in [1, max_value] whose recall@k reaches `target` (or the best one found).
+
+    Doubling from a small start finds a bracket, then bisection finds the smallest passing value;
+    both rely on recall growing with the knob, which holds for efSearch and nprobe.
+    """
+    k = truth.shape[1]
+    if param is None:
+        recall = recall_at_k(index.search(queries, k)[1], truth)
+        return TuneResult(None, None, recall, recall >= target, [])
+    curve: dict[int, float] = {}
+
+    def measure(value: int) -> float:
+        if value not in curve:
+            set_search_param(index, param, value)
+            curve[value] = recall_at_k(index.search(queries, k)[1], truth)
+        return curve[value]
+
+    start = k if param == "efSearch" else 1  # HNSW never looks at fewer than k candidates anyway
+    low, value = start - 1, min(max_value, start)
+    while measure(value) < target and value < max_value:
+        low, value = value, min(max_value, value * 2)
+    if curve[value] >= target:
+        high = value
+        while high - low > 1:
+            mid = (low + high) // 2
+            if measure(mid) >= target:
+                high = mid
+            else:
+                low = mid
+        chosen = high
+    else:  # unreachable (PQ codes cap recall): the smallest value within 0.5% of the best recall
+        best = max(curve.values())
+        chosen = min(v for v, r in curve.items() if r >= best - 0.005)
+    set_search_param(index, param, chosen)
+    return TuneResult(param, chosen, curve[chosen], curve[chosen] >= target,
+                      [[v, round(r, 4)] for v, r in curve.items()])
+
+
+def max_param_value(index: faiss.Index, param: str | None) -> int:
+    """Upper end of the knob's range: nlist for IVF, a generous cap for efSearch."""
+    if param == "nprobe":
+        return faiss.extract_index_ivf(index).nlist
+    return HNSW_EF_SEARCH_MAX
