@@ -118,3 +118,14 @@ def test_metrics_log_drops_records_past_the_resume_step(tmp_path):
         (10, 0.1), (20, 0.05), (30, 0.5)]
     MetricsLog(tmp_path / "other", enabled=False).write({"step": 1})
     assert not (tmp_path / "other").exists()
+
+
+def test_tensorboard_requested_but_missing_is_one_message(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    log.write({"step": 1, "loss": 2.0})
+    log.close()
+    assert capsys.readouterr().err.count("tensorboard is not installed") == 1
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.0}]
