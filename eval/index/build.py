@@ -53,6 +53,8 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
         index.hnsw.efConstruction = plan.params["efConstruction"]
     if plan.kind == "opq_ivf_pq":
         faiss.downcast_VectorTransform(index.chain.at(0)).niter = plan.params["opq_iterations"]
+        # polysemous codes only pay off with Hamming-threshold search, which we do not use
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     train_s = _train(index, plan, vectors, rng)
     add_started = time.perf_counter()
     for chunk in tqdm(unit_chunks(vectors), total=-(-n // CHUNK_ROWS), desc=f"adding to {plan.factory}",

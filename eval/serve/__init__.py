@@ -47,15 +47,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from eval.index.search import Searcher
     from eval.serve.app import create_app
 
-    configure_threads(args.threads)
-    searcher = Searcher.open(args.index)
-    app = create_app(searcher, max_batch=args.max_batch)
-    sock = _bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    print(f"serving {searcher.folder.path} ({searcher.folder.info['count']} items) on http://{host}:{port}",
-          flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    sock = _bind(args.host, args.port)  # first: a taken port fails before seconds of model loading
     try:
+        configure_threads(args.threads)
+        searcher = Searcher.open(args.index)
+        app = create_app(searcher, max_batch=args.max_batch)
+        host, port = sock.getsockname()[:2]
+        print(f"serving {searcher.folder.path} ({searcher.folder.info['count']} items) on http://{host}:{port}",
+              flush=True)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

@@ -1,0 +1,196 @@
+"""FAISS indexes: the type chooser's decisions, recall against exact search for every type, the
+metadata alignment checks, and `mmssl index build/search` from an embeddings .npy + parquet."""
+import dataclasses
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from eval.index.build import build_index
+from eval.index.choose import choose_index, nlist_for, parse_memory
+from eval.index.metadata import keys_checksum
+from eval.index.store import load_index_folder
+from eval.index.synthetic import clustered_vectors
+from eval.index.tune import exact_search, recall_at_k
+from mmssl.cli import main
+from mmssl.errors import UserError
+
+MiB = 2**20
+
+
+# --- choosing ---------------------------------------------------------------------------------
+
+def test_parse_memory_units_and_errors():
+    assert parse_memory("4G") == 4 * 2**30
+    assert parse_memory("512MB") == 512 * MiB
+    assert parse_memory("1.5k") == 1536
+    assert parse_memory("2000") == 2000
+    for bad in ("four gigs", "-1G", "0", "4X"):
+        with pytest.raises(UserError, match="memory size"):
+            parse_memory(bad)
+
+
+def test_nlist_is_power_of_two_near_4_sqrt_n_with_40_training_points_per_cell():
+    assert nlist_for(100_000) == 1024      # 4*sqrt(1e5) = 1265 -> 1024
+    assert nlist_for(1_000_000) == 4096    # 4000 -> 4096
+    assert nlist_for(12_000) == 256        # 438 -> 512, but 12000/40 = 300 caps it at 256
+    assert nlist_for(1) == 1
+
+
+def test_chooser_decisions_by_size_and_budget():
+    n, d = 100_000, 512
+    assert choose_index(1_000, d, parse_memory("4G")).factory == "Flat"
+    # vectors 2048 B + 2*32 level-0 links and one upper link (260 B) + 16 B bookkeeping per vector
+    hnsw = choose_index(n, d, parse_memory("4G"))
+    assert (hnsw.factory, hnsw.memory_bytes) == ("HNSW32", n * (2048 + 260 + 16))
+    # exactly room for M=16: 2048 + 4*(2*16+1) + 16 = 2196 bytes per vector
+    assert choose_index(n, d, n * 2196).factory == "HNSW16"
+    assert choose_index(n, d, n * 2196 - 1).factory == "HNSW15"
+    # below M=8 (2132 B/vector) the IVF-Flat lists still fit: 2056 B/vector + 1024 centroids
+    ivf = choose_index(n, d, n * 2100)
+    assert (ivf.factory, ivf.memory_bytes) == ("IVF1024,Flat", n * 2056 + 4 * 1024 * 512)
+    # 100 MiB: 256-byte codes + 8-byte ids = 26.4 MB, plus centroids, codebooks and rotation
+    assert choose_index(n, d, 100 * MiB).factory == "OPQ256_512,IVF1024,PQ256x8"
+    # 5 MiB = 5_242_880: 8-byte codes need 1_600_000 + 2_097_152 (centroids) + 524_288 (codebooks)
+    # + 1_048_576 (rotation) = 5_270_016, too much; 4-byte codes need 4_870_016
+    assert choose_index(n, d, 5 * MiB).factory == "OPQ4_512,IVF1024,PQ4x8"
+    with pytest.raises(UserError, match="too small"):
+        choose_index(n, d, 1 * MiB)
+    with pytest.raises(UserError, match="PQ compression needs"):
+        choose_index(5_000, d, 1 * MiB)
+
+
+# --- recall against exact search --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data():
+    """12k clustered 32-d vectors to index plus 300 held-out queries from the same clusters."""
+    both = clustered_vectors(12_300, 32, num_clusters=60, rank=8, seed=3)
+    return both[:12_000], both[12_000:]
+
+
+def _held_out_recall(index, vectors, queries, k=10):
+    _, truth = exact_search([vectors], queries, k)
+    return recall_at_k(index.search(queries, k)[1], truth)
+
+
+@pytest.mark.parametrize("budget, kind", [("1G", "hnsw"), ("2M", "ivf_flat")])
+def test_approximate_index_reaches_recall_target_on_held_out_queries(data, budget, kind):
+    vectors, queries = data
+    plan = choose_index(len(vectors), 32, parse_memory(budget), flat_max_vectors=1_000)
+    assert plan.kind == kind
+    index, info = build_index(vectors, budget, 0.95, queries=queries[:150], plan=plan, progress=False)
+    assert info["tuning"]["target_reached"] and info["tuning"]["recall"] >= 0.95
+    # tuned on the first 150 held-out queries; the other 150 see about the same recall
+    assert _held_out_recall(index, vectors, queries[150:]) >= 0.92
+    knob = info["search"]
+    assert knob["param"] == plan.search_param and knob["value"] >= 1
+    # the tuned value is the smallest that reaches the target: one less falls short
+    smaller = [r for v, r in info["tuning"]["curve"] if v == knob["value"] - 1]
+    assert not smaller or smaller[0] < 0.95
+
+
+def test_flat_index_is_exact(data):
+    vectors, queries = data
+    index, info = build_index(vectors[:2_000], "1G", 0.95, queries=queries, progress=False)
+    assert info["index"]["factory"] == "Flat" and info["tuning"]["recall"] == 1.0
+    assert _held_out_recall(index, vectors[:2_000], queries) == 1.0
+
+
+def test_pq_index_under_a_tight_budget_reports_its_real_recall(data):
+    vectors, queries = data
+    # 220 KiB = 225_280: 8-byte codes need 12000*16 + 32768 + 32768 + 4096 = 261_632; 4-byte 213_632
+    plan = choose_index(len(vectors), 32, parse_memory("220K"))
+    assert plan.factory == "OPQ4_32,IVF256,PQ4x8"
+    fast = dataclasses.replace(plan, params={**plan.params, "opq_iterations": 4})
+    index, info = build_index(vectors, "220K", 0.95, queries=queries, plan=fast, progress=False)
+    tuning = info["tuning"]
+    assert not tuning["target_reached"]               # 4-byte codes cannot rank 10 neighbours exactly
+    assert tuning["recall"] == pytest.approx(_held_out_recall(index, vectors, queries), abs=1e-4)
+    assert 0.2 < tuning["recall"] < 0.95
+    assert faiss.extract_index_ivf(index).nprobe == info["search"]["value"]
+
+
+def test_exact_search_in_chunks_equals_one_pass(data):
+    vectors, queries = data
+    one_scores, one_ids = exact_search([vectors], queries, 10)
+    scores, ids = exact_search(np.array_split(vectors, 7), queries, 10)
+    np.testing.assert_array_equal(ids, one_ids)
+    np.testing.assert_allclose(scores, one_scores, rtol=1e-6)
+
+
+# --- the index folder from an embeddings file -------------------------------------------------
+
+def _write_embeddings(tmp_path, n=300, dim=16):
+    vectors = clustered_vectors(n, dim, num_clusters=10, rank=4, seed=5) * 3.0  # not unit: build normalises
+    np.save(tmp_path / "emb.npy", vectors)
+    keys = [f"item{i:04d}" for i in range(n)]
+    pq.write_table(pa.table({"key": keys, "caption": [f"caption {i}" for i in range(n)],
+                             "url": [f"http://example.com/{i}.jpg" for i in range(n)]}), tmp_path / "meta.parquet")
+    return vectors, keys
+
+
+def test_build_from_npy_and_parquet(tmp_path, capsys):
+    vectors, keys = _write_embeddings(tmp_path)
+    out = tmp_path / "idx"
+    code = main(["index", "build", "--embeddings", str(tmp_path / "emb.npy"),
+                 "--metadata", str(tmp_path / "meta.parquet"), "--out", str(out)])
+    assert code == 0
+    assert "indexed 300 vectors (16-d) as Flat" in capsys.readouterr().out
+    info = json.loads((out / "index_info.json").read_text())
+    assert info["count"] == 300 and info["dim"] == 16 and info["model"] is None
+    assert info["keys_sha256"] == keys_checksum(keys)
+    folder = load_index_folder(out)
+    assert folder.metadata.keys == keys and folder.metadata.row(7)["url"] == "http://example.com/7.jpg"
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores, ids = folder.index.search(unit[:5], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_metadata_out_of_step_is_refused(tmp_path, capsys):
+    _write_embeddings(tmp_path)
+    out = tmp_path / "idx"
+    main(["index", "build", "--embeddings", str(tmp_path / "emb.npy"),
+          "--metadata", str(tmp_path / "meta.parquet"), "--out", str(out)])
+    table = pq.read_table(out / "metadata.parquet")
+    order = list(range(table.num_rows))
+    order[0], order[1] = 1, 0
+    pq.write_table(table.take(order), out / "metadata.parquet")
+    with pytest.raises(UserError, match="checksum differs"):
+        load_index_folder(out)
+    pq.write_table(table.slice(0, 299), out / "metadata.parquet")
+    with pytest.raises(UserError, match="has 299 rows but the index holds 300 vectors"):
+        load_index_folder(out)
+    capsys.readouterr()
+    assert main(["index", "search", "--index", str(out), "--text", "a red circle"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmssl: error: ") and "299 rows" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--embeddings", "missing.npy"], "embeddings file not found"),
+    (["--embeddings", "{tmp}/emb.npy", "--metadata", "{tmp}/short.parquet"], "has 2 rows but the embeddings have 300"),
+    (["--embeddings", "{tmp}/emb.npy", "--data", "x"], "exactly one of --data or --embeddings"),
+    (["--data", "x"], "--data needs --checkpoint"),
+    (["--embeddings", "{tmp}/emb.npy", "--memory-budget", "lots"], "bad memory size"),
+    (["--embeddings", "{tmp}/emb.npy", "--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
+])
+def test_build_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    _write_embeddings(tmp_path)
+    pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / "short.parquet")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    assert main(["index", "build", *argv, "--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmssl: error: ") and message in err and err.count("\n") == 1
+
+
+def test_search_without_a_model_says_so(tmp_path, capsys):
+    _write_embeddings(tmp_path)
+    main(["index", "build", "--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "idx")])
+    capsys.readouterr()
+    assert main(["index", "search", "--index", str(tmp_path / "idx"), "--text", "red"]) == 2
+    assert "without --checkpoint" in capsys.readouterr().err
