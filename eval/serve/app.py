@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eval.serve.batching import QueryBatcher
 from eval.serve.page import PAGE
-from eval.serve.requests import BadRequest, parse_search_request, read_limited_body
+from eval.serve.requests import BadRequest, decode_image_field, parse_search_request, read_limited_body
 
 from eval.serve import MAX_BATCH
 
@@ -60,11 +60,15 @@ def create_app(searcher, max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_B
     async def search(request: Request):
         started = time.perf_counter()
         body = await read_limited_body(request, max_body_bytes)
-        query = await run_in_threadpool(parse_search_request, body, MAX_K, searcher.encoder is not None)
-        hits = await asyncio.wrap_future(batcher.submit(query.kind, query.value, query.k))
+        query = parse_search_request(body, MAX_K, searcher.encoder is not None)
+        value = query.value
+        if query.kind == "image":
+            value = await run_in_threadpool(decode_image_field, value)
+        hits = await asyncio.wrap_future(batcher.submit(query.kind, value, query.k))
         results = [{"rank": hit.rank, "key": hit.key, "caption": hit.caption, "score": round(hit.score, 6),
                     "image_url": image_url(hit.id)} for hit in hits]
-        return {"results": results, "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+        # a JSONResponse skips FastAPI's generic encoder: these are plain str/float/int already
+        return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     @app.get("/image/{key:path}")
     def image(key: str):

@@ -22,7 +22,7 @@ class BadRequest(Exception):
 @dataclass
 class SearchQuery:
     kind: str          # "text" | "image"
-    value: object      # the text, or a decoded PIL image
+    value: object      # the text, or the image field as sent (see `decode_image_field`)
     k: int
 
 
@@ -40,7 +40,7 @@ async def read_limited_body(request, limit: int) -> bytes:
 
 
 def parse_search_request(body: bytes, max_k: int, has_model: bool) -> SearchQuery:
-    """A validated query; images are decoded here (off the event loop: this runs in a thread)."""
+    """A validated query. Cheap enough for the event loop; images are decoded separately."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -62,14 +62,15 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool) -> SearchQuer
         if not isinstance(text, str) or not text.strip():
             raise BadRequest(400, "text must be a non-empty string")
         return SearchQuery("text", text.strip(), k)
-    return SearchQuery("image", _decode_image_field(image), k)
-
-
-def _decode_image_field(image) -> object:
-    from eval.index.query import decode_image
-
     if not isinstance(image, str) or not image:
         raise BadRequest(400, "image must be a non-empty base64 string")
+    return SearchQuery("image", image, k)
+
+
+def decode_image_field(image: str) -> object:
+    """base64 (or a data: URL) -> PIL image; slow for big images, so callers run it in a thread."""
+    from eval.index.query import decode_image
+
     if image.startswith("data:") and "," in image:  # a data: URL straight from a browser
         image = image.split(",", 1)[1]
     try:
