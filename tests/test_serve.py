@@ -2,7 +2,6 @@
 real HTTP client on a loopback port; `mmssl index search` on the same index; the web page in
 headless Chromium."""
 import base64
-import io
 import json
 import shutil
 import socket
@@ -141,7 +140,7 @@ def test_concurrent_requests_are_batched_without_mixing_answers(client, searcher
     assert client.get("/health").json()["queries_served"] - served_before == len(answers)
 
 
-def _png_of_text() -> str:
+def _base64_of_non_image() -> str:
     return base64.b64encode(b"this is not an image at all").decode()
 
 
@@ -157,7 +156,7 @@ def _png_of_text() -> str:
     ({"text": "a", "k": True}, 400, "k must be an integer in 1..1000"),
     ({"text": "a", "limit": 3}, 400, "unknown field(s): limit"),
     ({"image": "***not base64***"}, 400, "not valid base64"),
-    ({"image": _png_of_text()}, 400, "not a readable image"),
+    ({"image": _base64_of_non_image()}, 400, "not a readable image"),
     ([1, 2], 400, "must be a JSON object"),
 ])
 def test_bad_requests_get_4xx_json(client, payload, status, message):

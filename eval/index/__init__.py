@@ -1,3 +1,9 @@
-"""FAISS search indexes over image embeddings: choose a type (`choose`), build and tune it (`build`,
-`tune`), keep metadata aligned with the ids (`metadata`), save and load the folder (`store`), embed
-queries (`query`), and the `mmssl index build|search` commands (`cli`)."""
+"""FAISS search indexes over image embeddings.
+
+`choose` picks the index type from size and memory budget, `build` trains/fills it and `tune`
+sets efSearch / nprobe to a recall target; `collection` gathers vectors, metadata and tuning
+queries (from shards via `eval.embed`, with `shard_members` locating each image in its tar, or
+from an embeddings .npy); `metadata` keeps rows aligned with ids and `store` saves and loads the
+index folder; `query` embeds queries with the index's model and `search` answers them; `cli` is
+`mmssl index build|search`; `synthetic` makes clustered test vectors.
+"""

@@ -12,7 +12,6 @@ Columns: `key` and `caption` always; where the image can be served, either `shar
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +90,6 @@ class Metadata:
         record = {"key": self.keys[i], "caption": self.captions[i]}
         record.update({name: values[i] for name, values in self.columns.items()})
         return record
-
-    def json_fields(self, i: int) -> dict:
-        raw = self.columns.get("json", [None] * len(self))[i]
-        return json.loads(raw) if raw else {}
 
     def has_local_image(self, i: int) -> bool:
         shard = self.columns.get("shard")

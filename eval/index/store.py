@@ -60,7 +60,7 @@ def read_info(index_dir: str | Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({err.msg})") from None
 
 
-def load_index_folder(index_dir: str | Path, mmap: bool = False) -> IndexFolder:
+def load_index_folder(index_dir: str | Path) -> IndexFolder:
     """Index, metadata and info, checked to line up; UserError naming the mismatch otherwise."""
     import faiss
 
@@ -70,8 +70,7 @@ def load_index_folder(index_dir: str | Path, mmap: bool = False) -> IndexFolder:
     info = read_info(folder)
     if not (folder / INDEX_FILE).is_file():
         raise UserError(f"{folder}: no {INDEX_FILE}")
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    index = faiss.read_index(str(folder / INDEX_FILE), flags)
+    index = faiss.read_index(str(folder / INDEX_FILE))
     if index.ntotal != info["count"]:
         raise UserError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors but {INFO_FILE} says "
                         f"{info['count']}; rebuild the index")
