@@ -63,12 +63,15 @@ def test_forward_returns_open_clip_dict_and_tokenizer_uses_config_context(tiny):
 
 def test_bundled_configs_are_open_clip_model_configs():
     names = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
-    assert names == ["small-vit-128", "small-vit-224", "tiny-vit-64"]
+    assert names == ["small-vit-128", "small-vit-224", "tiny-rn-64", "tiny-vit-64"]
     for path in MODEL_CONFIG_DIR.glob("*.json"):
         cfg = json.loads(path.read_text())
         assert set(cfg) == {"embed_dim", "vision_cfg", "text_cfg"}
         vision = cfg["vision_cfg"]
-        assert vision["image_size"] % vision["patch_size"] == 0
+        if isinstance(vision["layers"], list):  # open_clip ModifiedResNet: 32x downsampling
+            assert vision["image_size"] % 32 == 0
+        else:
+            assert vision["image_size"] % vision["patch_size"] == 0
         assert cfg["text_cfg"]["width"] % cfg["text_cfg"]["heads"] == 0
 
 
