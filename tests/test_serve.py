@@ -94,8 +94,14 @@ def test_text_search_matches_exact_search_and_cli(client, searcher, index_dir, c
     assert all(hit["image_url"] == f"/image/{hit['key']}" and hit["caption"] for hit in results)
     assert body["took_ms"] > 0
 
-    assert main(["index", "search", "--index", str(index_dir), "--text", "a red circle", "-k", "5"]) == 0
+    output = index_dir.parent / "hits.json"
+    assert main(["index", "search", "--index", str(index_dir), "--text", "a red circle", "-k", "5",
+                 "--output", str(output)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    written = json.loads(output.read_text())
+    assert written["query"] == "a red circle" and [hit["key"] for hit in written["results"]] == keys
+    assert all(hit["shard"].endswith(".tar") and hit["image_size"] > 0 for hit in written["results"])
+    assert [hit["rank"] for hit in written["results"]] == [1, 2, 3, 4, 5]
     assert lines[0].split() == ["rank", "score", "key", "caption"]
     assert [line.split()[2] for line in lines[1:]] == keys
     assert [line.split(None, 3)[3] for line in lines[1:]] == [hit["caption"] for hit in results]
