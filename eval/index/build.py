@@ -2,7 +2,8 @@
 
 Steps: normalise (inner product on unit vectors = cosine), choose the index type from size and
 memory budget (`choose.py`), train on a random sample when the type needs it, add in chunks, then
-tune efSearch / nprobe to the recall target against exact search on a query sample (`tune.py`).
+tune efSearch / nprobe to the recall target against exact search on one half of a query sample
+(`tune.py`), and measure the recall of the tuned index on the other half, which tuning never saw.
 Everything that was decided and measured goes into the returned info dict, which the index
 folder keeps as index_info.json.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.index.choose import IndexPlan, choose_index, parse_memory
-from eval.index.tune import exact_search, max_param_value, tune_search_param
+from eval.index.tune import MARGIN_SIGMAS, exact_search, max_param_value, recall_at_k, tune_search_param
 
 CHUNK_ROWS = 65_536
 TRAIN_POINTS_PER_CELL = 40     # faiss warns below 39 points per k-means centroid
@@ -39,7 +40,8 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
                 queries: np.ndarray | None = None, query_source: str = "given queries", k: int = 10,
                 num_queries: int = 1000, seed: int = 0,
                 plan: IndexPlan | None = None, progress: bool = True) -> tuple[faiss.Index, dict]:
-    """(index ready to search, info dict). `queries` default to a sample of the vectors themselves."""
+    """(index ready to search, info dict). `queries` default to a sample of the vectors themselves;
+    up to 2 * `num_queries` of them are used, half to tune and half to check."""
     if vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"expected a non-empty 2-d array of embeddings, got shape {vectors.shape}")
     n, d = vectors.shape
@@ -65,14 +67,18 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
     tune_started = time.perf_counter()
     if queries is None:
         query_source = "sample of the indexed vectors"
-        queries = vectors[np.sort(rng.choice(n, size=min(num_queries, n), replace=False))]
-    elif len(queries) > num_queries:
-        queries = queries[np.sort(rng.choice(len(queries), size=num_queries, replace=False))]
-    queries = unit_rows(queries)
+        queries = vectors
+    rows = np.sort(rng.choice(len(queries), size=min(len(queries), 2 * num_queries), replace=False))
+    queries = unit_rows(queries[rows])
     k_eff = min(k, n)
     _, truth = exact_search(unit_chunks(vectors), queries, k_eff)
-    tuned = tune_search_param(index, plan.search_param, queries, truth, recall_target,
+    tuning = np.zeros(len(rows), dtype=bool)
+    tuning[rng.permutation(len(rows))[:(len(rows) + 1) // 2]] = True
+    tune_queries, tune_truth = queries[tuning], truth[tuning]
+    check_queries, check_truth = queries[~tuning], truth[~tuning]
+    tuned = tune_search_param(index, plan.search_param, tune_queries, tune_truth, recall_target,
                               max_param_value(index, plan.search_param))
+    held_out = recall_at_k(index.search(check_queries, k_eff)[1], check_truth) if len(check_queries) else None
     tune_s = time.perf_counter() - tune_started
 
     info = {
@@ -83,8 +89,12 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
                   "memory_budget_bytes": budget, "memory_estimate_bytes": plan.memory_bytes},
         "search": {"param": tuned.param, "value": tuned.value},
         "tuning": {"k": k_eff, "recall_target": recall_target, "recall": round(tuned.recall, 4),
-                   "target_reached": tuned.target_reached, "num_queries": len(queries),
+                   "recall_lower_bound": round(tuned.recall_lower_bound, 4), "margin_sigmas": MARGIN_SIGMAS,
+                   "target_reached": tuned.target_reached, "num_queries": len(tune_queries),
                    "query_source": query_source, "curve": tuned.curve},
+        "held_out": {"k": k_eff, "num_queries": len(check_queries), "query_source": query_source,
+                     "recall": None if held_out is None else round(held_out, 4),
+                     "target_met": held_out is not None and held_out >= recall_target},
         "timings_s": {"train": round(train_s, 3), "add": round(add_s, 3), "tune": round(tune_s, 3),
                       "total": round(time.perf_counter() - started, 3)},
     }

@@ -66,10 +66,11 @@ def run_build(args: argparse.Namespace) -> int:
     index, info = build_index(collection.vectors, args.memory_budget, args.recall_target,
                               queries=collection.queries, query_source=collection.query_source)
     info = save_index_folder(args.out, index, {**info, "source": collection.source}, collection.metadata, model)
-    tuning, built = info["tuning"], info["index"]
+    tuning, held_out, built = info["tuning"], info["held_out"], info["index"]
     knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
+    checked = f", {held_out['recall']:.3f} held out" if held_out["recall"] is not None else ""
     print(f"indexed {info['count']} vectors ({info['dim']}-d) as {built['factory']}{knob}: "
-          f"recall@{tuning['k']} {tuning['recall']:.3f} (target {tuning['recall_target']}"
+          f"recall@{tuning['k']} {tuning['recall']:.3f} tuning{checked} (target {tuning['recall_target']}"
           f"{'' if tuning['target_reached'] else ', NOT reached'}), "
           f"~{built['memory_estimate_bytes'] / 2**20:.1f} MiB, built in {info['timings_s']['total']:.1f} s "
           f"-> {Path(args.out) / 'index_info.json'}")

@@ -16,7 +16,7 @@ import pyarrow as pa
 from eval.index.metadata import default_metadata, normalise_table, read_user_metadata
 from mmssl.errors import UserError
 
-TUNING_QUERIES = 1000
+TUNING_QUERIES = 2000    # half tune the search knob, half check it
 
 
 @dataclass
