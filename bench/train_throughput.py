@@ -93,7 +93,8 @@ def synthetic_shards(folder: Path, num_train: int) -> Path:
     manifest = folder / "train" / "manifest.json"
     if not manifest.exists() or json.loads(manifest.read_text())["num_samples"] < num_train:
         subprocess.run([sys.executable, "-m", "mmssl", "prep", "synthetic", "--out", str(folder), "--num-train",
-                        str(num_train), "--num-val", "96", "--overwrite", "--quiet"], check=True)
+                        str(num_train), "--num-val", "96", "--overwrite", "--quiet"], check=True,
+                       stdout=subprocess.DEVNULL)
     return folder / "train"
 
 
