@@ -109,3 +109,13 @@ def test_refuses_a_non_empty_folder_it_did_not_make(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmssl: error:") and "not empty" in err[0]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_torch_is_not_loaded_before_quickstart_sets_the_openmp_wait_policy():
+    """OMP_WAIT_POLICY is read when torch's OpenMP runtime loads: building the CLI must not load it."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmssl.cli; mmssl.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
