@@ -35,6 +35,7 @@ BATCH = 128
 SETTINGS = {
     "fp32": ["train.precision=fp32", "data.workers=1"],
     "bf16": ["train.precision=bf16", "data.workers=1"],
+    "bf16-w0": ["train.precision=bf16", "data.workers=0"],
     "bf16-compile": ["train.precision=bf16", "data.workers=1", "train.compile=true"],
     "bf16-compile-w0": ["train.precision=bf16", "data.workers=0", "train.compile=true"],
 }
