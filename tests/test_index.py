@@ -43,17 +43,23 @@ def test_nlist_is_power_of_two_near_4_sqrt_n_with_40_training_points_per_cell():
 def test_chooser_decisions_by_size_and_budget():
     n, d = 100_000, 512
     assert choose_index(1_000, d, parse_memory("4G")).factory == "Flat"
-    # vectors 2048 B + 2*32 level-0 links and one upper link (260 B) + 16 B bookkeeping per vector
+    # 8-bit codes 512 B + 2*32 level-0 links and one upper link (260 B) + 16 B bookkeeping per vector,
+    # plus the quantizer's min and range per dimension (2 * 4 * 512 B)
     hnsw = choose_index(n, d, parse_memory("4G"))
-    assert (hnsw.factory, hnsw.memory_bytes) == ("HNSW32", n * (2048 + 260 + 16))
-    # exactly room for M=16: 2048 + 4*(2*16+1) + 16 = 2196 bytes per vector
-    assert choose_index(n, d, n * 2196).factory == "HNSW16"
-    assert choose_index(n, d, n * 2196 - 1).factory == "HNSW15"
-    # below M=8 (2132 B/vector) the IVF-Flat lists still fit: 2056 B/vector + 1024 centroids
-    ivf = choose_index(n, d, n * 2100)
-    assert (ivf.factory, ivf.memory_bytes) == ("IVF1024,Flat", n * 2056 + 4 * 1024 * 512)
-    # 100 MiB: 256-byte codes + 8-byte ids = 26.4 MB, plus centroids, codebooks and rotation
-    assert choose_index(n, d, 100 * MiB).factory == "OPQ256_512,IVF1024,PQ256x8"
+    assert (hnsw.factory, hnsw.memory_bytes) == ("HNSW32,SQ8", n * (512 + 260 + 16) + 4096)
+    assert hnsw.search_param == "efSearch"
+    # exactly room for M=16: 512 + 4*(2*16+1) + 16 = 660 bytes per vector
+    assert choose_index(n, d, n * 660 + 4096).factory == "HNSW16,SQ8"
+    assert choose_index(n, d, n * 660 + 4095).factory == "HNSW15,SQ8"
+    # past the graph's size limit, uncompressed lists with an HNSW graph over the 1024 centroids
+    ivf = choose_index(n, d, parse_memory("4G"), hnsw_max_vectors=50_000)
+    assert (ivf.factory, ivf.memory_bytes) == ("IVF1024_HNSW32,Flat", n * 2056 + 1024 * (2048 + 276))
+    assert ivf.search_param == "nprobe"
+    # 16-d: float lists (72 B/vector) are smaller than an M=8 graph over codes (100 B/vector)
+    assert choose_index(n, 16, n * 90).factory == "IVF1024_HNSW32,Flat"
+    # 50 MiB < an M=8 graph (596 B/vector = 59.6 MB): 256-byte codes + 8-byte ids = 26.4 MB, plus
+    # centroids, codebooks and rotation
+    assert choose_index(n, d, 50 * MiB).factory == "OPQ256_512,IVF1024,PQ256x8"
     # 5 MiB = 5_242_880: 8-byte codes need 1_600_000 + 2_097_152 (centroids) + 524_288 (codebooks)
     # + 1_048_576 (rotation) = 5_270_016, too much; 4-byte codes need 4_870_016
     assert choose_index(n, d, 5 * MiB).factory == "OPQ4_512,IVF1024,PQ4x8"
@@ -77,12 +83,13 @@ def _held_out_recall(index, vectors, queries, k=10):
     return recall_at_k(index.search(queries, k)[1], truth)
 
 
-@pytest.mark.parametrize("budget, kind", [("1G", "hnsw"), ("2M", "ivf_flat")])
-def test_approximate_index_reaches_recall_target_on_held_out_queries(data, budget, kind):
+@pytest.mark.parametrize("hnsw_max_vectors, factory", [(20_000, "HNSW32,SQ8"), (10_000, "IVF256,Flat")])
+def test_approximate_index_reaches_recall_target_on_held_out_queries(data, hnsw_max_vectors, factory):
     vectors, queries = data
-    plan = choose_index(len(vectors), 32, parse_memory(budget), flat_max_vectors=1_000)
-    assert plan.kind == kind
-    index, info = build_index(vectors, budget, 0.95, queries=queries, num_queries=150, plan=plan, progress=False)
+    plan = choose_index(len(vectors), 32, parse_memory("1G"), flat_max_vectors=1_000,
+                        hnsw_max_vectors=hnsw_max_vectors)
+    assert plan.factory == factory
+    index, info = build_index(vectors, "1G", 0.95, queries=queries, num_queries=150, plan=plan, progress=False)
     tuning, held_out = info["tuning"], info["held_out"]
     assert tuning["num_queries"] == 150 and held_out["num_queries"] == 150
     # the target is met by the lower end of a 2-standard-error interval, so the mean sits above it

@@ -21,6 +21,7 @@ from eval.index.tune import MARGIN_SIGMAS, exact_search, max_param_value, recall
 CHUNK_ROWS = 65_536
 TRAIN_POINTS_PER_CELL = 40     # faiss warns below 39 points per k-means centroid
 PQ_TRAIN_POINTS = 65_536       # faiss' own cap for OPQ / PQ training samples
+SQ_TRAIN_POINTS = 65_536       # the 8-bit quantizer only learns each dimension's min and max
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:
@@ -51,7 +52,7 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
     started = time.perf_counter()
 
     index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.kind == "hnsw":
+    if plan.kind == "hnsw_sq8":
         index.hnsw.efConstruction = plan.params["efConstruction"]
     if plan.kind == "opq_ivf_pq":
         faiss.downcast_VectorTransform(index.chain.at(0)).niter = plan.params["opq_iterations"]
@@ -102,11 +103,15 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
 
 
 def _train(index: faiss.Index, plan: IndexPlan, vectors: np.ndarray, rng: np.random.Generator) -> float:
-    """Train IVF cells (and OPQ/PQ codebooks) on a random sample; returns seconds spent."""
+    """Train the scalar quantizer's ranges, IVF cells (and OPQ/PQ codebooks) on a random sample;
+    returns seconds spent."""
     if index.is_trained:
         return 0.0
     started = time.perf_counter()
-    wanted = TRAIN_POINTS_PER_CELL * plan.params["nlist"]
+    if plan.kind == "hnsw_sq8":
+        wanted = SQ_TRAIN_POINTS
+    else:
+        wanted = TRAIN_POINTS_PER_CELL * plan.params["nlist"]
     if plan.kind == "opq_ivf_pq":
         wanted = max(wanted, PQ_TRAIN_POINTS)
     n = len(vectors)
