@@ -15,7 +15,8 @@ def register(subparsers) -> None:
 
     build = commands.add_parser(
         "build", help="embed shards with a model (or take an embeddings .npy) and build a tuned index",
-        description="Index type chosen from size and --memory-budget (Flat, HNSW, IVF-Flat, OPQ+IVF+PQ); "
+        description="Index type chosen from size and --memory-budget (Flat, HNSW over 8-bit codes, IVF-Flat, "
+                    "OPQ+IVF+PQ); "
                     "efSearch/nprobe tuned to --recall-target; the choice and measured recall go to "
                     "OUT/index_info.json.")
     build.add_argument("--checkpoint", help="mmssl checkpoint, run folder, or openclip:NAME[:WEIGHTS]; "
