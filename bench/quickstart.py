@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as quickstart sets it, before torch loads
 
 
 def anchor_step_seconds(repeats: int = 3) -> float:
