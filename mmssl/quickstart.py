@@ -86,7 +86,8 @@ def register(subparsers) -> None:
         "classification (val and heldout) and retrieval, build a search index, run example queries "
         "and write DIR/report.html. Each step is a normal mmssl command (see DIR/commands.sh).",
     )
-    parser.add_argument("--out", type=Path, default=Path("quickstart"), help="output folder (default: quickstart)")
+    parser.add_argument("--out", type=Path, default=Path("quickstart"), metavar="DIR",
+                        help="output folder (default: quickstart)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny data and a few training steps: checks the whole chain in well under a minute")
     parser.set_defaults(func=run)

@@ -119,3 +119,9 @@ def test_torch_is_not_loaded_before_quickstart_sets_the_openmp_wait_policy():
     code = "import sys, mmssl.cli; mmssl.cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_report_of_a_missing_folder_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["report", "--dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0]

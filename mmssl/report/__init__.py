@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         description="Plots, metrics table, example queries, confusion matrix and the commands that "
         "made them, read from a folder laid out like `mmssl quickstart --out DIR` leaves it.",
     )
-    parser.add_argument("--dir", type=Path, required=True, help="the quickstart output folder")
+    parser.add_argument("--dir", type=Path, required=True, metavar="DIR", help="the quickstart output folder")
     parser.set_defaults(func=run)
 
 
