@@ -93,7 +93,7 @@ def test_open_clip_builtin_name_is_random_init_at_open_clip_size():
 
 
 def test_unknown_model_and_bad_override_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match=r"^unknown model: ViT-Q-99 \(known include: small-vit-128, small-vit-224, tiny-vit-64, "):
+    with pytest.raises(UserError, match=r"^unknown model: ViT-Q-99 \(known include: small-vit-128, small-vit-224, tiny-rn-64, tiny-vit-64, "):
         mmssl.create_model("ViT-Q-99")
     with pytest.raises(UserError, match="unknown config key: model.lock_everything"):
         mmssl.create_model("tiny-vit-64", lock_everything=True)
