@@ -9,11 +9,15 @@ queries/s relative to `IndexFlatIP` in the same run, batches of 1000) decided th
 
 - IVF-Flat needs a large share of the cells for recall 0.95 on embedding-like data (intrinsic
   dimension ~32): at 200k vectors IVF2048 reached 0.95 only at nprobe 256 (12% of the data
-  scanned), 1.2x exact search in batches, where HNSW32 at efSearch 96 was 3.5x.
+  scanned), 1.2x exact search in batches, where HNSW32 at efSearch 96 (recall 0.958) ran at
+  2.0-3.5x and HNSW32,SQ8 (0.952-0.955) at 5-9x, over two runs.
 - A graph over 8-bit scalar-quantized vectors (`HNSW{M},SQ8`, 1 byte per dimension) loses almost no
-  recall (0.952 vs 0.958 at efSearch 96) while each hop reads a quarter of the bytes: 2-3x the
-  batched queries/s of `HNSW{M}` on float vectors, half its build time and a third of its memory.
-  (1M: HNSW32 on floats took 891 s to build and ran batches at 8.9x exact.)
+  recall while each hop reads a quarter of the bytes: in the same run at 200k, 2.5x the batched
+  queries/s of `HNSW32` on float vectors, 82 s to build instead of 146 s, and a third of the memory.
+  At 1M: HNSW32,SQ8 built in 437 s, recall 0.953 held out at efSearch 164, batches at 9.2x
+  exact and single queries at 99x; HNSW32 on floats had taken 891 s (batches 8.9x, single
+  159x, another run under heavier load). Neither reaches 20x in batches, where exact search
+  is one BLAS product; HNSW is the faster of the types that reach the recall target.
 
 So, every one inner product on unit vectors:
 
