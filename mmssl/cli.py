@@ -36,7 +36,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="mmssl", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="mmssl", description="mmssl: multimodal (image-text) self-supervised pretraining, evaluation and search.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
