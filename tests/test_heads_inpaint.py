@@ -10,14 +10,7 @@ from mmssl.heads.vit_tokens import encode_visible, patchify
 
 TEXT = CLIPTextCfg(context_length=8, vocab_size=100, width=32, heads=2, layers=1)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread beats two threads fighting over a busy 2-core machine (~10x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(**kwargs):

@@ -16,14 +16,7 @@ CAPTIONS = [
     "a purple cross on the left and an orange diamond on the right",
 ]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread beats two threads fighting over a busy 2-core machine (~10x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

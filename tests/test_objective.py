@@ -24,14 +24,7 @@ MICRO = {
 }
 HEADS = ["heads.inpaint.decoder_width=32", "heads.inpaint.decoder_depth=1", "heads.inpaint.decoder_heads=2"]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread beats two threads fighting over a busy 2-core machine (~10x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
