@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 setup(
     packages=find_packages(include=["mmssl", "mmssl.*", "data_prep", "data_prep.*", "eval", "eval.*"])
-    + ["mmssl.configs"],
-    package_dir={"mmssl.configs": "configs"},
-    package_data={"mmssl.configs": ["*.yaml", "models/*.json"]},
+    + ["mmssl.configs", "mmssl.configs.models"],
+    package_dir={"mmssl.configs": "configs", "mmssl.configs.models": "configs/models"},
+    package_data={"mmssl.configs": ["*.yaml"], "mmssl.configs.models": ["*.json"]},
 )
