@@ -10,7 +10,10 @@ queries/s relative to `IndexFlatIP` in the same run, batches of 1000) decided th
 - IVF-Flat needs a large share of the cells for recall 0.95 on embedding-like data (intrinsic
   dimension ~32): at 200k vectors IVF2048 reached 0.95 only at nprobe 256 (12% of the data
   scanned), 1.2x exact search in batches, where HNSW32 at efSearch 96 (recall 0.958) ran at
-  2.0-3.5x and HNSW32,SQ8 (0.952-0.955) at 5-9x, over two runs.
+  2.0-3.5x and HNSW32,SQ8 (0.952-0.955) at 5-9x, over two runs. More cells do not rescue it:
+  at 100k, IVF1024 (3*sqrt(N)) needed nprobe 192 (19%, recall 0.966) and IVF4096 (13*sqrt(N))
+  nprobe 384 (9%, 0.952), both slower than exact search in batches (0.5x, 0.8x), while
+  HNSW32,SQ8 ran at 2.1-2.9x (recall 0.944-0.974 at efSearch 64-96).
 - A graph over 8-bit scalar-quantized vectors (`HNSW{M},SQ8`, 1 byte per dimension) loses almost no
   recall while each hop reads a quarter of the bytes: in the same run at 200k, 2.5x the batched
   queries/s of `HNSW32` on float vectors, 82 s to build instead of 146 s, and a third of the memory.
