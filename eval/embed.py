@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmssl.errors import UserError
+from mmssl.models.factory import checkpoint_file
 
 OPENCLIP_PREFIX = "openclip:"
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -83,15 +84,10 @@ def resolve_checkpoint(checkpoint: str) -> str:
         if weights and not Path(weights).is_file():
             raise UserError(f"weights file not found: {weights}")
         return checkpoint
-    path = Path(checkpoint)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
-            if candidate.exists():
-                return str(candidate)
-        raise UserError(f"no checkpoint in {path} (expected checkpoints/latest.pt)")
+    path = checkpoint_file(checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {checkpoint} (a .pt file, a run folder, or openclip:NAME[:WEIGHTS])")
-    return checkpoint
+    return str(path)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

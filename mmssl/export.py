@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         help="write open_clip-loadable weights + model config JSON",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--checkpoint", required=True, help="mmssl checkpoint (.pt), e.g. runs/tiny/checkpoints/latest.pt")
+    parser.add_argument("--checkpoint", required=True, help="mmssl checkpoint (.pt) or a training run folder (its checkpoints/latest.pt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--name", default=None, help="model name to register in open_clip (default: the config's name)")
     parser.set_defaults(func=handle)

@@ -120,6 +120,18 @@ def test_checkpoint_path_loads_weights_in_eval_mode_and_ignores_heads(tiny, tmp_
     assert mmssl.create_model(path, lock_image=True).visual.proj.requires_grad is False
 
 
+def test_run_folder_means_its_latest_checkpoint(tiny, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    _save_checkpoint(run / "checkpoints" / "step_000007.pt", ModelConfig(name="tiny-vit-64"), tiny.state_dict())
+    (run / "checkpoints" / "latest.pt").symlink_to("step_000007.pt")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(mmssl.create_model(run).encode_image(images), tiny.eval().encode_image(images))
+    with pytest.raises(UserError, match="no checkpoint in"):
+        mmssl.create_model(tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["open_clip_bin", "open_clip_safetensors", "mmssl_checkpoint"])
 def test_pretrained_local_weights(tiny, tmp_path, kind):
     if kind == "open_clip_bin":

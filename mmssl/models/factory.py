@@ -57,7 +57,7 @@ def create_model(config_or_name: Any, *, siglip: bool = False, **overrides) -> t
     `siglip=True` adds the learnable `logit_bias` SigLIP needs (init -10, logit scale init log 10,
     as in open_clip's SigLIP configs). A checkpoint path (`.pt`) rebuilds the model from the
     checkpoint's `config["model"]`, loads its `model` state dict, ignores auxiliary `heads`, and
-    returns it in eval mode. `"openclip:NAME[:WEIGHTS]"` builds open_clip's NAME with optional
+    returns it in eval mode; a training run folder means its `checkpoints/latest.pt`. `"openclip:NAME[:WEIGHTS]"` builds open_clip's NAME with optional
     local open_clip-format weights.
     """
     if isinstance(config_or_name, ModelConfig):
@@ -68,7 +68,7 @@ def create_model(config_or_name: Any, *, siglip: bool = False, **overrides) -> t
             name, _, weights = source[len(OPENCLIP_PREFIX):].partition(":")
             model_cfg = ModelConfig(name=name, pretrained=weights or None)
             return build_model(_with_overrides(model_cfg, overrides), siglip=siglip)
-        if Path(source).suffix in CHECKPOINT_SUFFIXES:
+        if Path(source).suffix in CHECKPOINT_SUFFIXES or Path(source).is_dir():
             return load_checkpoint_model(source, **overrides)
         return build_model(_with_overrides(ModelConfig(name=source), overrides), siglip=siglip)
     raise UserError(f"cannot build a model from {type(config_or_name).__name__}: give a name, a ModelConfig or a path")
@@ -84,9 +84,20 @@ def load_checkpoint_model(path: str | Path, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file a user means: the path itself, or a training run folder's latest.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
+            if candidate.exists():
+                return candidate
+        raise UserError(f"no checkpoint in {path} (expected checkpoints/latest.pt)")
+    return path
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """An mmssl checkpoint dict (`model`, `config`, ...), with a clear error for anything else."""
-    path = Path(path)
+    path = checkpoint_file(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
