@@ -43,7 +43,7 @@ def config(world, output, *extra):
         f"model.name={world / 'micro.json'}", f"data.train={world / 'syn' / 'train'}", "data.val=null",
         "data.workers=2", "data.shuffle_buffer=64", f"train.output={output}", "train.batch_size=16",
         "train.warmup=5", "train.log_every=1", "train.save_every=0", "train.precision=fp32",
-        "train.threads=1", *extra])
+        "train.threads=1", "train.lr=0.001", *extra])
 
 
 def logged_losses(output):
@@ -54,7 +54,7 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     straight = train(config(world, tmp_path / "a", "train.steps=40"))
     assert straight.step == 40 and len(straight.losses) == 40
 
-    half = train(config(world, tmp_path / "b", "train.steps=40", "train.save_every=20", "train.lr=0.001"))
+    half = train(config(world, tmp_path / "b", "train.steps=40", "train.save_every=20"))
     assert half.losses == straight.losses  # same config, same numbers: the run is deterministic
     # the interrupted run: stop after 20 steps, then resume from latest for the remaining 20
     (tmp_path / "c").mkdir()
