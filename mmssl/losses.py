@@ -155,6 +155,7 @@ def contrastive_step_with_accumulation(
     micro_batches: int,
     autocast_ctx: Optional[Callable] = None,
     aux_loss_fn: Optional[Callable] = None,
+    aux_weights: Optional[dict] = None,
 ) -> dict:
     """Accumulate parameter gradients of the exact full-batch contrastive loss over micro-batches.
 
@@ -162,11 +163,13 @@ def contrastive_step_with_accumulation(
     and, for SigLIP, logit_bias). `loss_fn` is a ClipLoss / SigLipLoss. `autocast_ctx` is a
     zero-argument callable returning a context manager for the tower forwards (e.g.
     `lambda: torch.autocast("cpu", dtype=torch.bfloat16)`); the loss itself runs in float32.
-    `aux_loss_fn(images_mb, texts_mb, outputs_mb) -> scalar` adds a per-sample (mean-reduced)
-    auxiliary loss on each micro-batch, weighted by its share of the batch, so its gradient is
-    that of the full-batch mean. The caller zeroes gradients before and steps the optimiser after.
+    `aux_loss_fn(images_mb, texts_mb, outputs_mb) -> {name: mean-reduced loss}` adds auxiliary
+    terms on each micro-batch, each scaled by `aux_weights[name]` (default 1) and by the
+    micro-batch's share of the batch, so its gradient is that of the full-batch mean. The caller
+    zeroes gradients before and steps the optimiser after.
 
-    Returns detached scalars: {"loss", "contrastive_loss"[, "aux_loss"]}. RNG state is replayed so
+    Returns detached scalars: {"loss", "contrastive_loss", and each auxiliary term's full-batch
+    mean under its own name}. RNG state is replayed so
     dropout / patch dropout draw the same masks in both passes. Under DistributedDataParallel the
     gradient all-reduce happens only on the last micro-batch.
     """
@@ -184,7 +187,7 @@ def contrastive_step_with_accumulation(
     contrastive = loss_fn(*_loss_args(leaves))
     contrastive.backward()
 
-    aux_total = torch.zeros((), device=images.device)
+    weights, aux_means = aux_weights or {}, {}
     batch_size = images.shape[0]
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         _set_rng_state(rng_states[index], images.device)
@@ -193,16 +196,14 @@ def contrastive_step_with_accumulation(
             with autocast_ctx():
                 outputs = model(image_chunk, text_chunk)
             surrogate = _surrogate(outputs, leaves, index, include_scalars=index == 0)
-            if aux_loss_fn is not None:
-                aux = aux_loss_fn(image_chunk, text_chunk, outputs) * (image_chunk.shape[0] / batch_size)
-                surrogate = surrogate + aux
-                aux_total = aux_total + aux.detach().float()
+            share = image_chunk.shape[0] / batch_size
+            for name, term in (aux_loss_fn(image_chunk, text_chunk, outputs) if aux_loss_fn else {}).items():
+                surrogate = surrogate + weights.get(name, 1.0) * share * term
+                aux_means[name] = aux_means.get(name, 0.0) + share * term.detach().float()
             surrogate.backward()
 
-    result = {"contrastive_loss": contrastive.detach(), "loss": contrastive.detach() + aux_total}
-    if aux_loss_fn is not None:
-        result["aux_loss"] = aux_total
-    return result
+    total = contrastive.detach() + sum(weights.get(name, 1.0) * mean for name, mean in aux_means.items())
+    return {"contrastive_loss": contrastive.detach(), **aux_means, "loss": total}
 
 
 def _feature_leaves(cached: list[dict]) -> dict:

@@ -101,11 +101,6 @@ class Objective(nn.Module):
                 terms["inpaint_loss"] = head(self.model, images)
         return terms
 
-    def weighted_aux(self, images: torch.Tensor, texts: torch.Tensor, outputs: dict) -> torch.Tensor:
-        """Sum of weighted auxiliary terms (the `aux_loss_fn` of `contrastive_step_with_accumulation`)."""
-        terms = self.aux_terms(images, texts, outputs)
-        return sum((self.weights[name] * value for name, value in terms.items()), images.new_zeros(()))
-
     def forward(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> dict:
         outputs = self.encode(images, texts, step)
         terms = {"contrastive_loss": self.contrastive_loss(outputs)}

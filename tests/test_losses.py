@@ -105,18 +105,22 @@ def test_accumulation_gives_full_batch_gradients(kind, tmp_path):
     texts = torch.randint(1, 1000, (32, 16))
     loss_fn = SigLipLoss() if kind == "siglip" else ClipLoss()
     scalars = ("logit_scale", "logit_bias") if kind == "siglip" else ("logit_scale",)
-    aux = (lambda im, tx, out: out["image_features"].pow(3).sum(-1).mean()) if kind == "clip+aux" else None
+    aux = (lambda im, tx, out: {"cube_loss": out["image_features"].pow(3).sum(-1).mean()}) if kind == "clip+aux" else None
 
     model.zero_grad()
     out = model(images, texts)
     full_loss = loss_fn(out["image_features"], out["text_features"], *(out[key] for key in scalars))
-    full_total = full_loss + (aux(images, texts, out) if aux else 0)
+    full_aux = aux(images, texts, out)["cube_loss"] if aux else 0
+    full_total = full_loss + 0.5 * full_aux
     full_total.backward()
     full = _param_grads(model)
 
     model.zero_grad()
-    result = contrastive_step_with_accumulation(model, images, texts, loss_fn, micro_batches=4, aux_loss_fn=aux)
+    result = contrastive_step_with_accumulation(model, images, texts, loss_fn, micro_batches=4, aux_loss_fn=aux,
+                                                aux_weights={"cube_loss": 0.5})
     torch.testing.assert_close(result["contrastive_loss"], full_loss.detach(), rtol=1e-5, atol=1e-6)
+    if aux:  # the term is reported under its own name, as its full-batch mean
+        torch.testing.assert_close(result["cube_loss"], full_aux.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result["loss"], full_total.detach(), rtol=1e-5, atol=1e-6)
     _assert_same_grads(_param_grads(model), full)
     assert model.logit_scale.grad.abs().item() > 0

@@ -76,6 +76,15 @@ def test_accumulation_keeps_the_contrastive_batch_exact(world, tmp_path):
     assert split.losses == pytest.approx(whole.losses, abs=1e-5)
 
 
+def test_accumulation_logs_each_head_term(world, tmp_path):
+    train(config(world, tmp_path, "train.steps=2", "train.log_every=1", "train.accum_steps=2", "loss.mlm_weight=0.5"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 2
+    for record in records:
+        assert record["mlm_loss"] > 0
+        assert record["loss"] == pytest.approx(record["contrastive_loss"] + 0.5 * record["mlm_loss"], rel=1e-5)
+
+
 def test_metrics_record_every_term(world, tmp_path):
     cfg = config(world, tmp_path, "train.steps=6", "train.log_every=3", "train.lr=0.002", "train.warmup=2",
                  "train.save_every=3")

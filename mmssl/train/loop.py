@@ -6,7 +6,7 @@ interfaces, so tests and other callers can hand it their own objective or loader
 
 * objective: an `nn.Module` with `.model` (the dual encoder), `forward(images, texts, step)`
   returning named loss terms with their weighted total under "loss" (see `mmssl.objective`),
-  `encode` / `contrastive` / `weighted_aux` for exact-batch accumulation, and
+  `encode` / `contrastive` / `aux_terms` for exact-batch accumulation, and
   `heads_state_dict` / `load_heads_state_dict` for checkpoints;
 * loader: an endless iterable of batches with `.images` / `.texts`, plus `state_dict`,
   `load_state_dict` and `corrupt_count` (see `mmssl.data.train_loader.TrainLoader`).
@@ -171,7 +171,7 @@ class Trainer:
         if self.cfg.train.accum_steps > 1:
             terms = contrastive_step_with_accumulation(
                 partial(self.objective.encode, step=self.step), images, texts, self.objective.contrastive,
-                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=self.objective.weighted_aux,
+                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=self.objective.aux_terms, aux_weights=self.objective.weights,
             )
         else:
             with self.autocast():
