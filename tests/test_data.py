@@ -75,6 +75,22 @@ def test_brace_pattern_counts_from_stats_then_manifest_then_unknown(tmp_path):
     assert count_tar_samples(counted[1].url) == 3
 
 
+def test_tar_count_agrees_with_the_reader_on_non_sample_members(tmp_path):
+    """Members the reader skips (no extension, `__`-prefixed) must not count as samples."""
+    import tarfile
+
+    from mmssl.data.tar_reader import tar_samples
+
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ["a.jpg", "a.txt", "b.jpg", "README", "__meta__.json", "dir/c.jpg"]:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    assert [s["__key__"] for s in tar_samples(str(path))] == ["a", "b", "dir/c"]
+    assert count_tar_samples(path) == 3
+
+
 def test_several_sources_are_tagged(tmp_path):
     write_shards(tmp_path / "a", [3])
     write_shards(tmp_path / "b", [2, 2], manifest=False, stats=True)

@@ -11,15 +11,9 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+from mmssl.data.tar_reader import split_sample_name
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def sample_key_and_extension(name: str) -> tuple[str, str] | None:
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0 or name.startswith("__"):
-        return None
-    return name[:dot], name[dot + 1:].lower()
 
 
 def shard_members(url: str) -> dict:
@@ -30,7 +24,7 @@ def shard_members(url: str) -> dict:
     found: dict = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar:
-            parsed = sample_key_and_extension(member.name) if member.isfile() else None
+            parsed = split_sample_name(member.name) if member.isfile() else None
             if parsed is None:
                 continue
             key, extension = parsed

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 
 import braceexpand
 
+from mmssl.data.tar_reader import split_sample_name
 from mmssl.errors import UserError
 
 SourceSpec = Union[str, Path, Sequence[Union[str, Path]]]
@@ -189,16 +190,15 @@ def _with_count(shard: Shard) -> Shard:
 
 
 def count_tar_samples(path: str | Path) -> int:
-    """Samples in a local tar: distinct keys among its members (reads headers, skips contents)."""
+    """Samples in a local tar: distinct keys among its members, by the rule the reader groups
+    with (reads headers, skips contents)."""
     keys = set()
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                if member.isreg():
-                    name = member.name
-                    slash = name.rfind("/")
-                    dot = name.find(".", slash + 1)
-                    keys.add(name if dot < 0 else name[:dot])
+                parsed = split_sample_name(member.name) if member.isreg() else None
+                if parsed is not None:
+                    keys.add(parsed[0])
     except (tarfile.TarError, OSError) as err:
         raise UserError(f"cannot read shard {path}: {err}") from None
     return len(keys)

@@ -10,7 +10,7 @@ consecutive files with the same key form one sample, names starting with `__` ar
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 from webdataset.gopen import gopen
 
@@ -21,22 +21,31 @@ class TarFormatError(ValueError):
     """The shard is truncated or its bytes are not a tar archive."""
 
 
+def split_sample_name(name: str) -> Optional[tuple[str, str]]:
+    """(key, extension) of a tar member under webdataset's rule, or None for a member that is
+    no part of a sample (no extension, or a `__`-prefixed name)."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0 or name.startswith("__"):
+        return None
+    return name[:dot], name[dot + 1:].lower()
+
+
 def tar_samples(url: str) -> Iterator[dict]:
     """Samples of one shard: dicts with `__key__`, `__url__` and one bytes value per extension."""
     stream = gopen(url)
     sample = None
     try:
         for name, data in tar_files(stream):
-            slash = name.rfind("/")
-            dot = name.find(".", slash + 1)
-            if dot < 0 or name.startswith("__"):
+            parsed = split_sample_name(name)
+            if parsed is None:
                 continue
-            key = name[:dot]
+            key, extension = parsed
             if sample is None or key != sample["__key__"]:
                 if sample is not None:
                     yield sample
                 sample = {"__key__": key, "__url__": url}
-            sample[name[dot + 1:].lower()] = data
+            sample[extension] = data
     except TarFormatError:
         if sample is not None:  # possibly incomplete: decoding will tell, and count it
             yield sample
