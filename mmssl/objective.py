@@ -26,6 +26,7 @@ from mmssl.errors import UserError, require
 from mmssl.heads import build_heads
 from mmssl.heads.vit_tokens import encode_visible
 from mmssl.losses import ClipLoss, SigLipLoss
+from mmssl.models.text_trim import encode_text
 
 LOSS_KINDS = ("clip", "siglip")
 TERM_WEIGHTS = {"mlm_loss": "mlm_weight", "inpaint_loss": "inpaint_weight"}
@@ -65,19 +66,19 @@ class Objective(nn.Module):
         return self.shared_masking and (step is None or step < self.unmasked_from_step)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> dict:
-        """open_clip's output dict for the contrastive loss; in shared mode also the visible patches."""
+        """open_clip's output dict for the contrastive loss; in shared mode also the visible patches.
+
+        Captions are encoded without their padding where that is exact (`mmssl.models.text_trim`).
+        """
+        outputs = {"text_features": encode_text(self.model, texts, normalize=True),
+                   "logit_scale": self.model.logit_scale.exp()}
         if not self.masks_images(step):
-            return self.model(images, texts)
-        head = self.heads["inpaint"]
-        mask = head.sample_mask(self.model, images)
-        visible = encode_visible(self.model.visual, images, mask.keep)
-        outputs = {
-            "image_features": F.normalize(visible.features, dim=-1),
-            "text_features": self.model.encode_text(texts, normalize=True),
-            "logit_scale": self.model.logit_scale.exp(),
-            "visible": visible,
-            "patch_mask": mask,
-        }
+            outputs["image_features"] = self.model.encode_image(images, normalize=True)
+        else:
+            head = self.heads["inpaint"]
+            mask = head.sample_mask(self.model, images)
+            visible = encode_visible(self.model.visual, images, mask.keep)
+            outputs.update(image_features=F.normalize(visible.features, dim=-1), visible=visible, patch_mask=mask)
         if self.siglip:
             outputs["logit_bias"] = self.model.logit_bias
         return outputs
