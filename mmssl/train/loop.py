@@ -40,6 +40,7 @@ from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import DistEnv, broadcast_object, gather_objects, init_distributed, shutdown
 from mmssl.train.metrics import MetricsLog, WindowTimer, progress_bar
 from mmssl.train.optim import build_optimizer, build_scheduler
+from mmssl.train.attention import training_attention
 from mmssl.train.precision import autocast, check_precision, grad_scaler
 
 
@@ -160,23 +161,18 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self._resume(ckpt.resolve_resume(cfg.train.resume, self.output))
         _broadcast_parameters(objective, env)
+        dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+        self.attention = partial(training_attention, objective.model, self.device, dtype)
         if cfg.train.compile:
-            objective.model.compile()  # in place: state_dict keys stay open_clip's
+            _compile_towers(objective.model)
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
         """Forward, backward, gradient all-reduce, clip, AdamW step; returns the terms as floats."""
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.train.accum_steps > 1:
-            terms = contrastive_step_with_accumulation(
-                partial(self.objective.encode, step=self.step), images, texts, self.objective.contrastive,
-                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=self.objective.aux_terms, aux_weights=self.objective.weights,
-            )
-        else:
-            with self.autocast():
-                terms = self.objective(images, texts, step=self.step)
-            self.scaler.scale(terms["loss"]).backward()
+        with self.attention():
+            terms = self._forward_backward(images, texts)
         values = self._mean_over_ranks(terms)
         if not math.isfinite(values["loss"]):
             self._diverged(self.step + 1, f"loss is {values['loss']} ({_format_terms(values)})")
@@ -191,6 +187,19 @@ class Trainer:
         clamp_logit_scale(self.objective.model)
         self.step += 1
         return values
+
+    def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        runner = self.objective  # the step's module: objective terms over the dual encoder
+        if self.cfg.train.accum_steps > 1:
+            return contrastive_step_with_accumulation(
+                partial(runner.encode, step=self.step), images, texts, runner.contrastive,
+                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=runner.aux_terms,
+                aux_weights=runner.weights,
+            )
+        with self.autocast():
+            terms = runner(images, texts, step=self.step)
+        self.scaler.scale(terms["loss"]).backward()
+        return terms
 
     def _mean_over_ranks(self, terms: dict) -> dict:
         names = sorted(terms)
@@ -319,6 +328,17 @@ class Trainer:
         self.last_checkpoint = path
         if self.env.is_main:
             sys.stderr.write(f"mmssl: resuming from {path} at step {self.step}\n")
+
+
+def _compile_towers(model: torch.nn.Module) -> None:
+    """torch.compile the image tower and the text transformer in place (state_dict keys stay open_clip's).
+
+    The towers rather than `model.forward`: the objective calls `encode_image` and the trimmed text
+    path (`mmssl.models.text_trim`) directly, which would bypass a compiled forward.
+    """
+    text = getattr(model, "text", model)
+    for tower in (model.visual, getattr(text, "transformer", text)):
+        tower.compile()
 
 
 def _format_terms(values: dict) -> str:
