@@ -8,6 +8,7 @@ import torch
 
 from mmssl.models import create_model
 from mmssl.models.text_trim import can_trim, encode_text, trimmed_length
+from mmssl.train import allocator
 from mmssl.train.attention import MATH_MAX_TOKENS, longest_sequence, training_attention
 from test_train_loop import MICRO_MODEL
 
@@ -71,3 +72,16 @@ def test_math_attention_only_for_short_bf16_sequences_on_cpu(tmp_path):
     assert longest_sequence(long) == 197
     with training_attention(long, cpu, torch.bfloat16):
         assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_allocator_tuning_applies_on_glibc_and_is_a_no_op_without_it(monkeypatch):
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert allocator.keep_freed_memory()
+
+    def no_libc(*args, **kwargs):
+        raise OSError("no libc")
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", no_libc)
+    assert allocator.keep_freed_memory() is False

@@ -40,6 +40,7 @@ from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import DistEnv, broadcast_object, gather_objects, init_distributed, shutdown
 from mmssl.train.metrics import MetricsLog, WindowTimer, progress_bar
 from mmssl.train.optim import build_optimizer, build_scheduler
+from mmssl.train.allocator import keep_freed_memory
 from mmssl.train.attention import training_attention
 from mmssl.train.precision import autocast, check_precision, grad_scaler
 
@@ -118,6 +119,8 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if env.device.type == "cpu":
+        keep_freed_memory()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = create_model(cfg.model, siglip=cfg.loss.kind == "siglip")
     objective = Objective(model, cfg, rank=env.rank, world_size=env.world_size).to(env.device)
