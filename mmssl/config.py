@@ -95,7 +95,9 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 128
     accum_steps: int = 1          # micro-batches per step; the contrastive batch stays exact
-    lr: float = 1e-3
+    optimizer: str = "adamw"      # adamw | muon (Muon on transformer block matrices, AdamW on the rest)
+    lr: float = 1e-3              # AdamW's (with optimizer=muon: for the non-block parameters)
+    muon_lr: float = 0.02         # optimizer=muon: the block matrices' lr (same warmup-cosine)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98

@@ -71,8 +71,9 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
 
 
 def test_accumulation_keeps_the_contrastive_batch_exact(world, tmp_path):
-    whole = train(config(world, tmp_path / "one", "train.steps=4"))
-    split = train(config(world, tmp_path / "four", "train.steps=4", "train.accum_steps=4"))
+    # AdamW: Muon's bf16 orthogonalisation would magnify the fp32 rounding differences of the split
+    whole = train(config(world, tmp_path / "one", "train.steps=4", "train.optimizer=adamw"))
+    split = train(config(world, tmp_path / "four", "train.steps=4", "train.accum_steps=4", "train.optimizer=adamw"))
     assert split.losses == pytest.approx(whole.losses, abs=1e-5)
 
 

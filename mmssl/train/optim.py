@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from mmssl.train.muon import MuonAdamW, is_block_matrix
+
 NO_DECAY_NAMES = ("logit_scale", "logit_bias")
 
 
@@ -30,14 +32,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
-    """AdamW from the `train` config section; the fused kernel when the device supports it."""
+def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
+    """`train.optimizer`: AdamW (the fused kernel where the device has it), or Muon + AdamW (`muon`)."""
+    if train_cfg.optimizer == "muon":
+        return build_muon(model, train_cfg)
     groups = param_groups(model, train_cfg.weight_decay)
     params = [p for group in groups for p in group["params"]]
     kwargs = dict(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps)
     if params and all(p.device.type in ("cpu", "cuda") for p in params):
         kwargs["fused"] = True  # one kernel over all parameters instead of a Python loop per tensor
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_muon(model: torch.nn.Module, train_cfg) -> MuonAdamW:
+    """Muon (lr `train.muon_lr`) on the transformer block matrices, AdamW (`train.lr`) on the rest."""
+    block = [p for n, p in model.named_parameters() if p.requires_grad and is_block_matrix(n, p)]
+    taken = {id(p) for p in block}
+    groups = []
+    for group in param_groups(model, train_cfg.weight_decay):
+        group["params"] = [p for p in group["params"] if id(p) not in taken]
+        groups.append(group)
+    groups.append({"params": block, "muon": True, "lr": train_cfg.muon_lr})
+    return MuonAdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps)
 
 
 def warmup_cosine(warmup: int, total: int):
