@@ -31,13 +31,16 @@ ANCHOR_PACKAGES = ["open_clip_torch==3.3.0", "webdataset==0.2.86", "pandas"]
 MODEL_JSON = REPO / "configs" / "models" / "tiny-vit-64.json"
 BATCH = 128
 
-# our settings: name -> config overrides (on top of configs/tiny.yaml)
+# our settings: name -> config overrides (on top of configs/tiny.yaml, whose optimizer is Muon; the
+# compared settings use AdamW like the anchor, the -muon one shows what tiny.yaml itself runs at)
+ADAMW = "train.optimizer=adamw"
 SETTINGS = {
-    "fp32": ["train.precision=fp32", "data.workers=1"],
-    "bf16": ["train.precision=bf16", "data.workers=1"],
-    "bf16-w0": ["train.precision=bf16", "data.workers=0"],
-    "bf16-compile": ["train.precision=bf16", "data.workers=1", "train.compile=true"],
-    "bf16-compile-w0": ["train.precision=bf16", "data.workers=0", "train.compile=true"],
+    "bf16-compile-w0-muon": ["train.precision=bf16", "data.workers=0", "train.compile=true", "train.optimizer=muon"],
+    "fp32": ["train.precision=fp32", "data.workers=1", ADAMW],
+    "bf16": ["train.precision=bf16", "data.workers=1", ADAMW],
+    "bf16-w0": ["train.precision=bf16", "data.workers=0", ADAMW],
+    "bf16-compile": ["train.precision=bf16", "data.workers=1", "train.compile=true", ADAMW],
+    "bf16-compile-w0": ["train.precision=bf16", "data.workers=0", "train.compile=true", ADAMW],
 }
 ANCHOR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
 
@@ -46,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--skip", type=int, default=10, help="first steps of each run left out of the rate")
-    parser.add_argument("--settings", default="bf16-w0,bf16,bf16-compile-w0,fp32")
+    parser.add_argument("--settings", default="bf16-w0,bf16,bf16-compile-w0,fp32,bf16-compile-w0-muon")
     parser.add_argument("--anchor-workers", default="1", help="open_clip --workers values to try (best counts)")
     parser.add_argument("--anchor-with-our-malloc", action="store_true",
                         help="also run open_clip bf16 with the glibc settings mmssl applies to itself")
@@ -68,6 +71,8 @@ def main() -> None:
             name = f"{precision}-w{workers}"
             anchor[name] = run_anchor(work / f"anchor-{name}", shards, precision, int(workers), args)
     ours = {name: run_ours(work / f"ours-{name}", shards, SETTINGS[name], args) for name in args.settings.split(",")}
+    muon = {k: ours.pop(k) for k in list(ours) if k.endswith("-muon")}  # another algorithm: reported apart
+    result["mmssl_muon_samples_per_s"] = muon
     result["open_clip_samples_per_s"] = anchor
     if args.anchor_with_our_malloc:  # not an open_clip setting: reported, never counted as its best
         result["open_clip_bf16_with_our_malloc_env"] = run_anchor(
