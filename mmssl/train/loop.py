@@ -37,12 +37,12 @@ from mmssl.config import ExperimentConfig, to_dict
 from mmssl.errors import UserError
 from mmssl.losses import clamp_logit_scale, contrastive_step_with_accumulation
 from mmssl.train import checkpoint as ckpt
+from mmssl.train.allocator import keep_freed_memory
+from mmssl.train.attention import training_attention
 from mmssl.train.distributed import DistEnv, broadcast_object, gather_objects, init_distributed, shutdown
 from mmssl.train.metrics import MetricsLog, WindowTimer, progress_bar
 from mmssl.train.optim import build_optimizer, build_scheduler
-from mmssl.train.allocator import keep_freed_memory
-from mmssl.train.attention import training_attention
-from mmssl.train.precision import autocast, check_precision, grad_scaler
+from mmssl.train.precision import autocast, check_precision, compute_dtype, grad_scaler
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,14 +166,14 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self._resume(ckpt.resolve_resume(cfg.train.resume, self.output))
         _broadcast_parameters(objective, env)
-        dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+        dtype = compute_dtype(cfg.train.precision)
         self.attention = partial(training_attention, objective.model, self.device, dtype)
         if cfg.train.compile:
             _compile_towers(objective.model)
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        """Forward, backward, gradient all-reduce, clip, AdamW step; returns the terms as floats."""
+        """Forward, backward, gradient all-reduce, clip, optimizer step; returns the terms as floats."""
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.attention():
@@ -194,15 +194,15 @@ class Trainer:
         return values
 
     def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        runner = self.objective  # the step's module: objective terms over the dual encoder
+        objective = self.objective
         if self.cfg.train.accum_steps > 1:
             return contrastive_step_with_accumulation(
-                partial(runner.encode, step=self.step), images, texts, runner.contrastive,
-                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=runner.aux_terms,
-                aux_weights=runner.weights,
+                partial(objective.encode, step=self.step), images, texts, objective.contrastive,
+                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=objective.aux_terms,
+                aux_weights=objective.weights,
             )
         with self.autocast():
-            terms = runner(images, texts, step=self.step)
+            terms = objective(images, texts, step=self.step)
         self.scaler.scale(terms["loss"]).backward()
         return terms
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.adamw import adamw
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # the published quintic, 5 iterations
 
@@ -50,9 +51,12 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    (self._muon if group["muon"] else self._adamw)(param, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                for param in params:
+                    self._muon(param, group)
+            elif params:
+                self._adamw(params, group)
 
     def _muon(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
@@ -64,16 +68,16 @@ class MuonAdamW(torch.optim.Optimizer):
         scale = math.sqrt(max(1.0, param.shape[0] / param.shape[1]))
         param.add_(update, alpha=-group["lr"] * scale)
 
-    def _adamw(self, param: torch.Tensor, group: dict) -> None:
-        state = self.state[param]
-        if not state:
-            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+    def _adamw(self, params: list, group: dict) -> None:
+        """torch's own AdamW update over the group (its fused kernel where the device has one)."""
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32, device=param.device),
+                             exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = state["step"].item()
-        grad, lr = param.grad, group["lr"]
-        param.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-        param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], fused=all(p.device.type in ("cpu", "cuda") for p in params),
+              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=False)

@@ -48,10 +48,8 @@ def build_muon(model: torch.nn.Module, train_cfg) -> MuonAdamW:
     """Muon (lr `train.muon_lr`) on the transformer block matrices, AdamW (`train.lr`) on the rest."""
     block = [p for n, p in model.named_parameters() if p.requires_grad and is_block_matrix(n, p)]
     taken = {id(p) for p in block}
-    groups = []
-    for group in param_groups(model, train_cfg.weight_decay):
-        group["params"] = [p for p in group["params"] if id(p) not in taken]
-        groups.append(group)
+    groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]}
+              for group in param_groups(model, train_cfg.weight_decay)]
     groups.append({"params": block, "muon": True, "lr": train_cfg.muon_lr})
     return MuonAdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps)
 

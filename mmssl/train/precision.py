@@ -22,12 +22,16 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise UserError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls run in."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast(precision: str, device: torch.device):
     """Context manager for the forward pass and the loss."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=compute_dtype(precision))
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
