@@ -7,6 +7,9 @@ text tower or the contrastive loss in the way; it is also ~3x cheaper, so varian
 
 usage: python bench/vit_shape_proxy.py MODEL_JSON LR STEPS [vision_cfg_key=json_value ...]
 e.g.   python bench/vit_shape_proxy.py configs/models/tiny-vit-64.json 5e-4 300 patch_size=4
+       PROXY_OPTIMIZER=muon python bench/vit_shape_proxy.py configs/models/tiny-vit-64.json 5e-4 300
+The optimizer and schedule are mmssl's own (`mmssl.train.optim`, tiny.yaml's betas/eps/decay);
+PROXY_OPTIMIZER picks adamw (default) or muon (block matrices at muon_lr 0.02).
 Prints top-1 (all 48 labels / shape only) on 2,000 held-out scenes every 50 steps.
 Renders 42,000 one-object scenes once into bench/results/vit_shape_proxy.npz.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]  # bench/eval.py shadows eval
 sys.path.insert(0, str(REPO))
 CACHE = REPO / "bench" / "results" / "vit_shape_proxy.npz"
-TRAIN, TEST, BATCH, WARMUP = 40000, 2000, 128, 30
+TRAIN, TEST, BATCH = 40000, 2000, 128
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -70,12 +73,14 @@ def accuracy(model, images, labels) -> tuple[float, float]:
 def main() -> None:
     model_json, lr, steps, overrides = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     images, labels = scenes()
+    from mmssl.config import load_config
+    from mmssl.train.optim import build_optimizer, build_scheduler
+
     model = build(model_json, overrides)
-    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / WARMUP if s < WARMUP else
-                                              0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (steps - WARMUP))))
+    train_cfg = load_config("tiny", [f"train.lr={lr}", f"train.steps={steps}", "train.warmup=30",
+                                     f"train.optimizer={os.environ.get('PROXY_OPTIMIZER', 'adamw')}"]).train
+    opt = build_optimizer(model, train_cfg)
+    sched = build_scheduler(opt, train_cfg)
     rng, started, curve = torch.Generator().manual_seed(0), time.time(), []
     for step in range(1, steps + 1):
         idx = torch.randint(0, TRAIN, (BATCH,), generator=rng)
@@ -89,7 +94,7 @@ def main() -> None:
         if step % 50 == 0:
             top1, shape = accuracy(model, images[TRAIN:], labels[TRAIN:])
             curve.append(f"{step}:{top1:.2f}/{shape:.2f}")
-    print(" ".join(sys.argv[1:]), "|", " ".join(curve), f"| {time.time() - started:.0f}s", flush=True)
+    print(train_cfg.optimizer, " ".join(sys.argv[1:]), "|", " ".join(curve), f"| {time.time() - started:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
