@@ -46,6 +46,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="also write the result JSON here")
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="read http(s)/s3/gs shards named by the data (through fsspec; never pipe:)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 on CUDA or CPUs with native bf16, else fp32")
 
@@ -55,7 +57,7 @@ def run_zeroshot_command(args) -> int:
     from eval.zeroshot import run_zeroshot, write_confusion, write_per_class
 
     outcome = run_zeroshot(load_model(args.checkpoint, args.precision), args.data, args.classnames,
-                           args.templates, args.batch_size, args.workers)
+                           args.templates, args.batch_size, args.workers, allow_remote=args.allow_remote)
     if args.per_class:
         write_per_class(args.per_class, outcome["logits"], outcome["labels"], outcome["classnames"])
     if args.confusion:
@@ -67,7 +69,8 @@ def run_retrieval_command(args) -> int:
     from eval.embed import load_model
     from eval.retrieval import run_retrieval
 
-    outcome = run_retrieval(load_model(args.checkpoint, args.precision), args.data, args.batch_size, args.workers)
+    outcome = run_retrieval(load_model(args.checkpoint, args.precision), args.data, args.batch_size, args.workers,
+                            allow_remote=args.allow_remote)
     _emit(outcome["result"], args.output)
 
 
@@ -76,7 +79,7 @@ def run_linear_probe_command(args) -> int:
     from eval.linear_probe import run_linear_probe
 
     result = run_linear_probe(load_model(args.checkpoint, args.precision), args.train, args.test,
-                              args.batch_size, args.workers, args.seed)
+                              args.batch_size, args.workers, args.seed, allow_remote=args.allow_remote)
     _emit(result, args.output)
 
 

@@ -104,16 +104,19 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return torch.bfloat16 if native else None
 
 
-def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2):
+def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2, allow_remote: bool = False):
     """An iterable of `mmssl.data.EvalBatch` over shards (folder with manifest/tars, brace pattern)
-    or over an ImageNet-style class folder; it exposes `corrupt_count` and `num_samples`."""
+    or over an ImageNet-style class folder; it exposes `corrupt_count` and `num_samples`.
+    Remote shards are read only with `allow_remote` (see `mmssl.data.urls`)."""
     from mmssl.data import build_eval_loader
+    from mmssl.data.urls import scheme_of
 
     if _is_class_folder(data):
         return ClassFolderLoader(Path(data), transform, batch_size, workers)
-    if "{" not in data and "::" not in data and not Path(data).exists():
+    if "{" not in data and "::" not in data and scheme_of(data) is None and not Path(data).exists():
         raise UserError(f"data not found: {data}")
-    return build_eval_loader(data, transform=transform, batch_size=batch_size, num_workers=workers)
+    return build_eval_loader(data, transform=transform, batch_size=batch_size, num_workers=workers,
+                             allow_remote=allow_remote)
 
 
 def embed_images(loaded: LoadedModel, batches, description: str = "images") -> Embedded:

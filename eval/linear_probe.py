@@ -94,7 +94,7 @@ def _best_of(grid_indices, score) -> int:
 
 
 def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, workers: int = 2,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, allow_remote: bool = False) -> dict:
     """Embed a labelled train and test set with a loaded model and probe; CLIP_benchmark-shaped result."""
     from eval.embed import embed_images, evaluation_mode, open_eval_data
     from mmssl.errors import UserError
@@ -102,7 +102,8 @@ def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, worke
     sets = {}
     for split, data in (("train", train), ("test", test)):
         with evaluation_mode(loaded.model):
-            embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers), split)
+            embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers, allow_remote),
+                                    split)
         if embedded.labels is None:
             raise UserError(f"{data}: samples carry no 'label' in their json; the linear probe needs labels")
         sets[split] = embedded

@@ -15,7 +15,7 @@ from mmssl.errors import UserError
 
 
 def run_retrieval(loaded: LoadedModel, data: str, batch_size: int = 256, workers: int = 2,
-                  ks=(1, 5, 10)) -> dict:
+                  ks=(1, 5, 10), allow_remote: bool = False) -> dict:
     """Evaluate one captioned set; returns {"result": CLIP_benchmark-shaped dict, "embedded",
     "text_features", "seconds", "model_seconds"}."""
     with evaluation_mode(loaded.model):
@@ -24,7 +24,7 @@ def run_retrieval(loaded: LoadedModel, data: str, batch_size: int = 256, workers
 
 def _run_retrieval(loaded, data, batch_size, workers, ks) -> dict:
     start = time.perf_counter()
-    embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers))
+    embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers, allow_remote))
     captionless = sum(1 for captions in embedded.captions if not captions)
     if captionless:
         raise UserError(f"{data}: {captionless} of {len(embedded.keys)} samples have no caption; retrieval needs captions")

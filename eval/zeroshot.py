@@ -55,7 +55,8 @@ def zeroshot_logits(image_features: np.ndarray, classifier) -> np.ndarray:
 
 
 def run_zeroshot(loaded: LoadedModel, data: str, classnames_spec: Optional[str] = None,
-                 templates_spec: Optional[str] = None, batch_size: int = 256, workers: int = 2) -> dict:
+                 templates_spec: Optional[str] = None, batch_size: int = 256, workers: int = 2,
+                 allow_remote: bool = False) -> dict:
     """Evaluate one labelled set; returns {"result": CLIP_benchmark-shaped dict, "logits", "labels",
     "classnames", "embedded", "seconds", "model_seconds"}."""
     with evaluation_mode(loaded.model):
@@ -63,7 +64,7 @@ def run_zeroshot(loaded: LoadedModel, data: str, classnames_spec: Optional[str] 
 
 
 def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers) -> dict:
-    batches = open_eval_data(data, loaded.transform, batch_size, workers)
+    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote)
     data_dir = _data_folder(data)
     classnames = load_classnames(classnames_spec, data_dir, getattr(batches, "classes", ()))
     templates = load_templates(templates_spec, data_dir)

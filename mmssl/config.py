@@ -50,6 +50,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     workers: int = 2
     augment: bool = False                     # random resized crop instead of resize+center crop
+    allow_remote: bool = False                # read http(s)/s3/gs shards (through fsspec; never pipe:)
 
 
 @dataclass

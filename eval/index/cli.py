@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     build.add_argument("--recall-target", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
     build.add_argument("--batch-size", type=int, default=256)
     build.add_argument("--workers", type=int, default=2, help="data loader processes for --data")
+    build.add_argument("--allow-remote", action="store_true",
+                       help="read http(s)/s3/gs shards named by --data (through fsspec; never pipe:)")
     build.set_defaults(func=run_build)
 
     search = commands.add_parser("search", help="print the top-k items for a text or image query")
@@ -59,7 +61,8 @@ def run_build(args: argparse.Namespace) -> int:
     if args.data is not None:
         from eval.index.query import load_query_model
 
-        collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers)
+        collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers,
+                                 allow_remote=args.allow_remote)
     else:
         collection = from_embeddings(args.embeddings, args.metadata)
         if model is not None:

@@ -43,12 +43,13 @@ def from_embeddings(embeddings: str | Path, metadata: str | Path | None = None) 
     return Collection(vectors, table, None, "sample of the indexed vectors", source)
 
 
-def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2) -> Collection:
+def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allow_remote: bool = False) -> Collection:
     """Embed every image of the shards (and its first caption, as a tuning query)."""
     from eval.embed import embed_images, embed_texts, open_eval_data
     from eval.index.shard_members import shard_members
 
-    batches = open_eval_data(data, loaded.transform, batch_size=batch_size, workers=workers)
+    batches = open_eval_data(data, loaded.transform, batch_size=batch_size, workers=workers,
+                             allow_remote=allow_remote)
     embedded = embed_images(loaded, batches, description="index images")
     members = {}
     for shard in getattr(batches, "shards", []):

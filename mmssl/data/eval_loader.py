@@ -11,7 +11,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmssl.data.samples import CorruptSample, SampleDecoder, eval_targets, shard_samples
+from mmssl.data.samples import CorruptSample, LostSamples, SampleDecoder, eval_targets, shard_samples
 from mmssl.data.sources import SourceSpec, resolve_shards
 
 
@@ -27,16 +27,19 @@ def _as_is(item):
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, urls: list[str], transform: Callable, batch_size: int, decode_size: Optional[int]):
-        self.urls, self.batch_size = urls, batch_size
+    def __init__(self, shards: list, transform: Callable, batch_size: int, decode_size: Optional[int]):
+        self.shards, self.batch_size = shards, batch_size
         self.decoder = SampleDecoder(transform, decode_size)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         pending, corrupt = [], 0
-        for url in self.urls[worker::workers]:
-            for raw in shard_samples(url):
+        for shard in self.shards[worker::workers]:
+            for raw in shard_samples(shard.url, 0, shard.count):
+                if isinstance(raw, LostSamples):
+                    corrupt += raw.count
+                    continue
                 try:
                     pending.append(self._decode(raw))
                 except CorruptSample:
@@ -62,9 +65,9 @@ class EvalLoader:
     """Iterable of `EvalBatch` over one pass of the data; `corrupt_count` after (or during) it."""
 
     def __init__(self, source: SourceSpec, *, transform: Callable, batch_size: int = 256,
-                 num_workers: int = 2, decode_size: Optional[int] = None):
-        self.shards = resolve_shards(source)
-        self.dataset = _EvalStream([s.url for s in self.shards], transform, batch_size, decode_size)
+                 num_workers: int = 2, decode_size: Optional[int] = None, allow_remote: bool = False):
+        self.shards = resolve_shards(source, allow_remote=allow_remote)
+        self.dataset = _EvalStream(self.shards, transform, batch_size, decode_size)
         self.num_workers = min(num_workers, len(self.shards))
         self.corrupt_count = 0
 
@@ -84,7 +87,8 @@ class EvalLoader:
 
 
 def build_eval_loader(source: SourceSpec, *, transform: Callable, batch_size: int = 256,
-                      num_workers: int = 2, decode_size: Optional[int] = None) -> EvalLoader:
+                      num_workers: int = 2, decode_size: Optional[int] = None,
+                      allow_remote: bool = False) -> EvalLoader:
     """An `EvalLoader` over a shard folder / pattern / list (see `mmssl.data.sources`)."""
-    return EvalLoader(source, transform=transform, batch_size=batch_size,
-                      num_workers=num_workers, decode_size=decode_size)
+    return EvalLoader(source, transform=transform, batch_size=batch_size, num_workers=num_workers,
+                      decode_size=decode_size, allow_remote=allow_remote)

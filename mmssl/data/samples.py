@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import zlib
+from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -29,19 +30,35 @@ class CorruptSample(Exception):
     """A sample that cannot be used (undecodable image, no caption); skipped and counted."""
 
 
-def shard_samples(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+@dataclass(frozen=True)
+class LostSamples:
+    """Stands in the raw stream for samples a shard should have held but did not yield (a
+    truncated or unreadable shard, or one shorter than its manifest says); loaders count them
+    as corrupt."""
+
+    count: int
+    url: str
+
+
+def shard_samples(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict | LostSamples]:
     """Raw samples `start:stop` of one shard (`__key__`, `__url__`, and bytes per extension).
 
-    A shard that cannot be opened or read is logged and ends early; the samples it lacks are
-    made up by the loaders like corrupt ones.
+    A shard that cannot be opened or read is logged and ends early; when `stop` is known, the
+    samples it lacks are announced by one `LostSamples` item, and the loaders count them as
+    corrupt and make them up like corrupt ones.
     """
+    produced = 0
     try:
-        yield from islice(tar_samples(url), start, stop)
+        for raw in islice(tar_samples(url), start, stop):
+            produced += 1
+            yield raw
     except (OSError, ValueError) as err:
         logger.warning("skipping unreadable rest of shard %s: %s", url, err)
+    if stop is not None and produced < stop - start:
+        yield LostSamples(stop - start - produced, url)
 
 
-def segment_samples(segments: Iterable[tuple[str, int, Optional[int]]]) -> Iterator[dict]:
+def segment_samples(segments: Iterable[tuple[str, int, Optional[int]]]) -> Iterator[dict | LostSamples]:
     """Raw samples of consecutive (url, start, stop) shard segments."""
     for url, start, stop in segments:
         yield from shard_samples(url, start, stop)

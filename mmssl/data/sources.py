@@ -10,12 +10,15 @@ for in every place the common tools leave one:
   or webdataset's `sizes.json` in the shards' folder, else unknown (None);
 * several sources: a Python list, or one string joined with `::` (open_clip's convention).
 
-Local paths are checked here, so a typo fails with one line instead of a worker traceback.
+Local paths are checked here, so a typo fails with one line instead of a worker traceback. This
+is also the one gate for what data may name (see `mmssl.data.urls`): every shard URL is checked
+(no `pipe:`; remote only with `allow_remote`), a manifest's entries must stay inside the
+manifest's folder, and manifests and stats files are read only up to a size bound.
 """
 from __future__ import annotations
 
 import json
-import re
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,11 @@ from typing import Optional, Sequence, Union
 import braceexpand
 
 from mmssl.data.tar_reader import split_sample_name
+from mmssl.data.urls import check_url, is_remote, local_path, scheme_of
 from mmssl.errors import UserError
 
 SourceSpec = Union[str, Path, Sequence[Union[str, Path]]]
-_REMOTE = re.compile(r"^[a-z][a-z0-9+]*:", re.IGNORECASE)  # http:, s3:, pipe:, gs: ...
+MAX_JSON_BYTES = 64 * 2**20   # a manifest of a million shards is ~60 MB; anything bigger is not one
 
 
 @dataclass(frozen=True)
@@ -48,20 +52,21 @@ def split_sources(spec: SourceSpec) -> list[str]:
     return sources
 
 
-def resolve_shards(spec: SourceSpec, need_counts: bool = False) -> list[Shard]:
+def resolve_shards(spec: SourceSpec, need_counts: bool = False, allow_remote: bool = False) -> list[Shard]:
     """All shards of one or several sources, in a stable order, each tagged with its source index.
 
     With `need_counts`, unknown counts of local tars are found by reading the tar headers, and a
-    remote shard without a count is an error (the training loader needs every count).
+    remote shard without a count is an error (the training loader needs every count). Remote
+    URLs are refused unless `allow_remote`; `pipe:` and unknown schemes always are.
     """
-    return [shard for group in resolve_sources(spec, need_counts) for shard in group]
+    return [shard for group in resolve_sources(spec, need_counts, allow_remote) for shard in group]
 
 
-def resolve_sources(spec: SourceSpec, need_counts: bool = False) -> list[list[Shard]]:
+def resolve_sources(spec: SourceSpec, need_counts: bool = False, allow_remote: bool = False) -> list[list[Shard]]:
     """Like `resolve_shards`, grouped per source (for per-source sampling weights)."""
     groups = []
     for index, source in enumerate(split_sources(spec)):
-        shards = [Shard(url, count, index) for url, count in _resolve_one(source)]
+        shards = [Shard(url, count, index) for url, count in _resolve_one(source, allow_remote)]
         if need_counts:
             shards = [_with_count(shard) for shard in shards]
         groups.append(shards)
@@ -75,40 +80,68 @@ def total_samples(shards: Sequence[Shard]) -> Optional[int]:
     return sum(shard.count for shard in shards)
 
 
-def _resolve_one(source: str) -> list[tuple[str, Optional[int]]]:
+def _resolve_one(source: str, allow_remote: bool) -> list[tuple[str, Optional[int]]]:
+    check_url(source, allow_remote, "the data source")
     if "{" in source:
-        return _from_pattern(source)
-    if _REMOTE.match(source) and not source.startswith("file:"):
+        return _from_pattern(source, allow_remote)
+    if is_remote(source):
         return [(source, None)]
-    path = Path(source.removeprefix("file://").removeprefix("file:")).expanduser()
+    path = local_path(source)
     if not path.exists():
         raise UserError(f"data source not found: {source}")
     if path.is_dir():
         if (path / "manifest.json").is_file():
-            return _from_manifest(path / "manifest.json")
+            return _from_manifest(path / "manifest.json", allow_remote)
         return _from_folder(path)
     if path.name.endswith(".json"):
-        return _from_manifest(path)
+        return _from_manifest(path, allow_remote)
     return [(str(path), _count_beside(path))]
 
 
-def _from_manifest(manifest: Path) -> list[tuple[str, Optional[int]]]:
+def _from_manifest(manifest: Path, allow_remote: bool) -> list[tuple[str, Optional[int]]]:
     try:
-        entries = json.loads(manifest.read_text())["shards"]
+        entries = read_json(manifest)["shards"]
+        if not isinstance(entries, list):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{manifest}: not a shard manifest (needs a 'shards' list)") from None
     shards = []
-    for entry in entries:
+    for position, entry in enumerate(entries):
         name = (entry.get("url") or entry.get("name")) if isinstance(entry, dict) else entry
-        if not name:
-            raise UserError(f"{manifest}: shard entry without 'url' or 'name': {entry!r}")
-        url = name if _REMOTE.match(name) or Path(name).is_absolute() else str(manifest.parent / name)
+        if not name or not isinstance(name, str):
+            raise UserError(f"{manifest}: shard entry {position} has no 'url' or 'name': {str(entry)[:200]!r}")
+        where = f"{manifest}, shard entry {position}"
+        check_url(name, allow_remote, where)
+        url = name if is_remote(name) else str(_inside(manifest.parent, name, where))
         count = entry.get("count") if isinstance(entry, dict) else None
-        shards.append((url, None if count is None else int(count)))
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise UserError(f"{where}: count must be a non-negative integer, got {str(count)[:50]!r}")
+        shards.append((url, count))
     if not shards:
         raise UserError(f"no shards listed in {manifest}")
     _require_local_files([url for url, _ in shards], str(manifest))
     return shards
+
+
+def _inside(folder: Path, name: str, where: str) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` (symlinks followed): a manifest
+    names its own shards, never other files on the machine."""
+    if scheme_of(name) == "file" or os.path.isabs(name):
+        raise UserError(f"{where}: {name!r} is an absolute path; a manifest names its shards relative to its folder")
+    path = folder / name
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UserError(f"{where}: {name!r} points outside the manifest's folder {root}")
+    return path
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES):
+    """A JSON file of at most `limit` bytes (ValueError for a bigger or malformed one)."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit} bytes")
+    return json.loads(data)
 
 
 def _from_folder(folder: Path) -> list[tuple[str, Optional[int]]]:
@@ -120,13 +153,15 @@ def _from_folder(folder: Path) -> list[tuple[str, Optional[int]]]:
     return [(str(tar), _count_beside(tar, sizes)) for tar in tars]
 
 
-def _from_pattern(pattern: str) -> list[tuple[str, Optional[int]]]:
+def _from_pattern(pattern: str, allow_remote: bool) -> list[tuple[str, Optional[int]]]:
     urls = list(braceexpand.braceexpand(pattern))
     if not urls:
         raise UserError(f"brace pattern matches no shards: {pattern}")
-    if _REMOTE.match(pattern) and not pattern.startswith("file:"):
+    for url in urls:
+        check_url(url, allow_remote, f"brace pattern {pattern}")
+    if is_remote(pattern):
         return [(url, None) for url in urls]
-    urls = [url.removeprefix("file://").removeprefix("file:") for url in urls]
+    urls = [str(local_path(url)) for url in urls]
     _require_local_files(urls, pattern)
     folder_sizes: dict[Path, dict] = {}
     shards = []
@@ -140,7 +175,7 @@ def _from_pattern(pattern: str) -> list[tuple[str, Optional[int]]]:
 
 def _require_local_files(urls: list[str], where: str) -> None:
     for url in urls:
-        if not _REMOTE.match(url) and not Path(url).is_file():
+        if not is_remote(url) and not Path(url).is_file():
             raise UserError(f"shard not found: {url} (from {where})")
 
 
@@ -149,8 +184,8 @@ def _count_beside(tar: Path, sizes: Optional[dict] = None) -> Optional[int]:
     stats = tar.with_name(tar.name.removesuffix(".tar") + "_stats.json")
     if stats.is_file():
         try:
-            return int(json.loads(stats.read_text())["successes"])
-        except (ValueError, KeyError, TypeError):
+            return int(read_json(stats)["successes"])
+        except (ValueError, KeyError, TypeError, OSError):
             pass
     if sizes is None:
         sizes = _sizes_file(tar.parent)
@@ -162,19 +197,19 @@ def _sizes_file(folder: Path) -> dict[str, int]:
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            entries = json.loads(manifest.read_text())["shards"]
+            entries = read_json(manifest)["shards"]
             return {
                 Path(entry.get("url") or entry.get("name")).name: int(entry["count"])
                 for entry in entries
                 if isinstance(entry, dict) and entry.get("count") is not None
             }
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             return {}
     sizes = folder / "sizes.json"
     if sizes.is_file():
         try:
-            return {Path(name).name: int(count) for name, count in json.loads(sizes.read_text()).items()}
-        except (ValueError, TypeError, AttributeError):
+            return {Path(name).name: int(count) for name, count in read_json(sizes).items()}
+        except (ValueError, TypeError, AttributeError, OSError):
             return {}
     return {}
 
@@ -182,7 +217,7 @@ def _sizes_file(folder: Path) -> dict[str, int]:
 def _with_count(shard: Shard) -> Shard:
     if shard.count is not None:
         return shard
-    if _REMOTE.match(shard.url):
+    if is_remote(shard.url):
         raise UserError(
             f"sample count unknown for {shard.url}: add a manifest.json, sizes.json or _stats.json"
         )

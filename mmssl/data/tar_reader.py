@@ -4,7 +4,9 @@ Why not `tarfile`: its streaming mode builds a TarInfo per member and parses eve
 on small (64 px) samples that was a fifth of the loader's time. Shards are written by tarfile /
 webdataset / img2dataset (ustar, with pax or GNU records for long names), and this reads exactly
 those: regular files, pax `path`/`size`, GNU long names; anything else is skipped. Opening goes
-through webdataset's `gopen`, so local paths, `file:`, `pipe:` and http URLs all work.
+through `mmssl.data.urls.open_shard` (local files, or remote ones through fsspec; never a shell).
+A shard is untrusted input: a member larger than `MAX_MEMBER_BYTES`, a negative or malformed
+size and a bad checksum all end the shard with `TarFormatError` instead of a huge allocation.
 Grouping follows webdataset: the key is the name up to the first dot of its last path component,
 consecutive files with the same key form one sample, names starting with `__` are skipped.
 """
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterator, Optional
 
-from webdataset.gopen import gopen
+from mmssl.data.urls import open_shard
 
 BLOCK = 512
+MAX_MEMBER_BYTES = 256 * 2**20   # one image, caption or json; far above any real sample file
 
 
 class TarFormatError(ValueError):
@@ -33,7 +36,7 @@ def split_sample_name(name: str) -> Optional[tuple[str, str]]:
 
 def tar_samples(url: str) -> Iterator[dict]:
     """Samples of one shard: dicts with `__key__`, `__url__` and one bytes value per extension."""
-    stream = gopen(url)
+    stream = open_shard(url)
     sample = None
     try:
         for name, data in tar_files(stream):
@@ -66,7 +69,7 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(header) < BLOCK:
             raise TarFormatError("truncated tar header")
         _check_header(header)
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        size = _member_size(header, pax)
         data = stream.read(size)
         if len(data) < size:
             raise TarFormatError("truncated tar member")
@@ -94,6 +97,16 @@ def _check_header(header: bytes) -> None:
         raise TarFormatError("bad tar header checksum")
 
 
+def _member_size(header: bytes, pax: dict) -> int:
+    try:
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+    except ValueError:
+        raise TarFormatError("malformed member size") from None
+    if not 0 <= size <= MAX_MEMBER_BYTES:
+        raise TarFormatError(f"member size {size} outside 0..{MAX_MEMBER_BYTES} bytes")
+    return size
+
+
 def _number(field: bytes) -> int:
     if field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
@@ -113,10 +126,15 @@ def _ustar_name(header: bytes) -> str:
 def _pax_records(data: bytes) -> dict:
     """pax extended header: records `<length> <key>=<value>\\n`."""
     records, position = {}, 0
-    while position < len(data) and data[position:position + 1] != b"\0":
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        key, _, value = data[space + 1:position + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        position += length
+    try:
+        while position < len(data) and data[position:position + 1] != b"\0":
+            space = data.index(b" ", position)
+            length = int(data[position:space])
+            if length <= space - position:
+                raise ValueError("pax record length too small")
+            key, _, value = data[space + 1:position + length - 1].partition(b"=")
+            records[key.decode("utf-8")] = value.decode("utf-8")
+            position += length
+    except ValueError as err:  # UnicodeDecodeError is a ValueError too
+        raise TarFormatError(f"malformed pax header: {err}") from None
     return records

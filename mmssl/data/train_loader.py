@@ -32,7 +32,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmssl.data import plan
-from mmssl.data.samples import CorruptSample, SampleDecoder, segment_samples, shard_samples
+from mmssl.data.samples import CorruptSample, LostSamples, SampleDecoder, segment_samples, shard_samples
 from mmssl.data.sources import Shard, SourceSpec, resolve_sources
 from mmssl.errors import UserError, require
 
@@ -111,6 +111,9 @@ class _TrainStream(IterableDataset):
                     raise UserError(f"no readable samples in the shards of rank {self.rank} worker {worker}")
                 current_pass, good_in_pass = pass_index, 0
             cursor.raw += 1
+            if isinstance(raw, LostSamples):
+                cursor.corrupt += raw.count
+                continue
             try:
                 pending.append(self.decoder(raw, cursor.epoch))
                 good_in_pass += 1
@@ -163,10 +166,11 @@ class _TrainStream(IterableDataset):
     @staticmethod
     def _endless_source(group: Sequence[Shard], rng) -> Iterator[dict]:
         empty_draws = 0
+        counts = {shard.url: shard.count for shard in group}
         for url in plan.draw_shards(group, rng):
             produced = False
-            for raw in shard_samples(url):
-                produced = True
+            for raw in shard_samples(url, 0, counts[url]):
+                produced = produced or not isinstance(raw, LostSamples)
                 yield raw
             empty_draws = 0 if produced else empty_draws + 1
             if empty_draws > 100:
@@ -220,9 +224,10 @@ class TrainLoader:
         world_size: Optional[int] = None,
         prefetch_factor: int = 4,
         pin_memory: bool = False,
+        allow_remote: bool = False,
     ):
         require(batch_size >= 1, f"batch size must be positive, got {batch_size}")
-        self.groups = resolve_sources(source, need_counts=True)
+        self.groups = resolve_sources(source, need_counts=True, allow_remote=allow_remote)
         if weights is not None:
             require(
                 len(weights) == len(self.groups) and all(w >= 0 for w in weights) and sum(weights) > 0,
@@ -336,6 +341,7 @@ def build_train_loader(
         shuffle_buffer=data_config.shuffle_buffer,
         resampled=data_config.resampled,
         weights=data_config.train_weights,
+        allow_remote=data_config.allow_remote,
         decode_size=decode_size,
         rank=rank,
         world_size=world_size,

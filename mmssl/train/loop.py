@@ -141,7 +141,7 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     if cfg.train.val_every:
         from mmssl.train.validation import ZeroShotValidation
 
-        validate = ZeroShotValidation(cfg.data.val, env.device, cfg.train.precision)
+        validate = ZeroShotValidation(cfg.data.val, env.device, cfg.train.precision, cfg.data.allow_remote)
     return Trainer(cfg, env, objective, loader, validate=validate)
 
 

@@ -14,8 +14,8 @@ import torch
 class ZeroShotValidation:
     """`__call__(model) -> {"acc1", "acc5", "mean_per_class_recall"}` on a labelled shard set."""
 
-    def __init__(self, data: str, device: torch.device, precision: str = "fp32"):
-        self.data = data
+    def __init__(self, data: str, device: torch.device, precision: str = "fp32", allow_remote: bool = False):
+        self.data, self.allow_remote = data, allow_remote
         self.device = device
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.warned = False
@@ -38,4 +38,4 @@ class ZeroShotValidation:
             name=getattr(model, "model_name", type(model).__name__), pretrained="training",
             device=self.device, autocast_dtype=self.autocast_dtype,
         )
-        return dict(run_zeroshot(loaded, self.data, workers=0)["result"]["metrics"])
+        return dict(run_zeroshot(loaded, self.data, workers=0, allow_remote=self.allow_remote)["result"]["metrics"])
