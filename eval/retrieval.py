@@ -19,10 +19,10 @@ def run_retrieval(loaded: LoadedModel, data: str, batch_size: int = 256, workers
     """Evaluate one captioned set; returns {"result": CLIP_benchmark-shaped dict, "embedded",
     "text_features", "seconds", "model_seconds"}."""
     with evaluation_mode(loaded.model):
-        return _run_retrieval(loaded, data, batch_size, workers, ks)
+        return _run_retrieval(loaded, data, batch_size, workers, ks, allow_remote)
 
 
-def _run_retrieval(loaded, data, batch_size, workers, ks) -> dict:
+def _run_retrieval(loaded, data, batch_size, workers, ks, allow_remote) -> dict:
     start = time.perf_counter()
     embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers, allow_remote))
     captionless = sum(1 for captions in embedded.captions if not captions)

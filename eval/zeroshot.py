@@ -60,10 +60,10 @@ def run_zeroshot(loaded: LoadedModel, data: str, classnames_spec: Optional[str] 
     """Evaluate one labelled set; returns {"result": CLIP_benchmark-shaped dict, "logits", "labels",
     "classnames", "embedded", "seconds", "model_seconds"}."""
     with evaluation_mode(loaded.model):
-        return _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers)
+        return _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote)
 
 
-def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers) -> dict:
+def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote) -> dict:
     batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote)
     data_dir = _data_folder(data)
     classnames = load_classnames(classnames_spec, data_dir, getattr(batches, "classes", ()))

@@ -135,12 +135,14 @@ def _inside(folder: Path, name: str, where: str) -> Path:
     return path
 
 
-def read_json(path: Path, limit: int = MAX_JSON_BYTES):
-    """A JSON file of at most `limit` bytes (ValueError for a bigger or malformed one)."""
+def read_json(path: Path, limit: Optional[int] = None):
+    """A JSON file of at most `limit` bytes (default `MAX_JSON_BYTES`): UserError for a bigger
+    one, read no further than the limit; ValueError for malformed JSON."""
+    limit = MAX_JSON_BYTES if limit is None else limit
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path} is over {limit} bytes")
+        raise UserError(f"{path} is over {limit} bytes: not a manifest or stats file")
     return json.loads(data)
 
 
