@@ -112,6 +112,8 @@ class TrainConfig:
     save_every: int = 100
     val_every: int = 0            # 0: no periodic zero-shot validation
     resume: Optional[str] = None  # "latest" or a checkpoint path
+    overwrite: bool = False       # a fresh start may replace a run already in train.output
+    keep_checkpoints: int = 0     # keep only the newest N step_*.pt files (0: all)
     tensorboard: bool = False
     threads: int = 0              # torch intra-op threads; 0 keeps torch's default
 

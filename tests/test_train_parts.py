@@ -75,8 +75,9 @@ def test_scheduler_drives_optimizer_lr():
 
 
 def test_save_is_atomic_and_latest_follows(tmp_path):
-    first = ckpt.save_checkpoint(tmp_path, 5, {"model": {"w": torch.ones(2)}})
-    second = ckpt.save_checkpoint(tmp_path, 10, {"model": {"w": torch.full((2,), 3.0)}})
+    first = ckpt.save_checkpoint(tmp_path, 5, {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}})
+    second = ckpt.save_checkpoint(tmp_path, 10, {"model": {"w": torch.full((2,), 3.0)}, "optimizer": {},
+                                                 "scheduler": {}})
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_000005.pt", "step_000010.pt"]
     latest = folder / "latest.pt"
@@ -85,14 +86,14 @@ def test_save_is_atomic_and_latest_follows(tmp_path):
     assert loaded["step"] == 10 and loaded["version"] == ckpt.CHECKPOINT_VERSION
     assert torch.equal(loaded["model"]["w"], torch.full((2,), 3.0))
     assert torch.load(first, weights_only=True)["step"] == 5
-    assert ckpt.resolve_resume("latest", tmp_path) == second.resolve()
+    assert ckpt.find_resume("latest", tmp_path)[0] == second.resolve()
 
 
-def test_resolve_resume(tmp_path):
-    assert ckpt.resolve_resume(None, tmp_path) is None
-    assert ckpt.resolve_resume("latest", tmp_path) is None  # nothing saved yet: a fresh start
+def test_find_resume(tmp_path):
+    assert ckpt.start_point(tmp_path, None) is None
+    assert ckpt.find_resume("latest", tmp_path) is None  # nothing saved yet: a fresh start
     with pytest.raises(UserError, match="checkpoint not found"):
-        ckpt.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
+        ckpt.find_resume(str(tmp_path / "nope.pt"), tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         ckpt.load_checkpoint(tmp_path / "junk.pt")

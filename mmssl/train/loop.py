@@ -86,6 +86,7 @@ def check_config(cfg: ExperimentConfig) -> None:
         ("grad_clip", t.grad_clip is None or t.grad_clip > 0, "must be > 0 (or null for no clipping)"),
         ("log_every", t.log_every >= 1, "must be >= 1"),
         ("save_every", t.save_every >= 0, "must be >= 0 (0: only at the end)"),
+        ("keep_checkpoints", t.keep_checkpoints >= 0, "must be >= 0 (0: keep every checkpoint)"),
         ("val_every", t.val_every >= 0, "must be >= 0 (0: no validation)"),
         ("threads", t.threads >= 0, "must be >= 0 (0: torch's default)"),
     ]
@@ -164,7 +165,7 @@ class Trainer:
         self.autocast = partial(autocast, cfg.train.precision, self.device)
         self.step = 0
         self.last_checkpoint: Optional[Path] = None
-        self._resume(ckpt.resolve_resume(cfg.train.resume, self.output))
+        self._resume(ckpt.start_point(self.output, cfg.train.resume, cfg.train.overwrite, may_write=env.is_main))
         _broadcast_parameters(objective, env)
         dtype = compute_dtype(cfg.train.precision)
         self.attention = partial(training_attention, objective.model, self.device, dtype)
@@ -298,7 +299,7 @@ class Trainer:
             self._diverged(self.step, "a parameter became NaN/inf")
         rng = gather_objects(self.env, ckpt.rng_state())
         data = gather_objects(self.env, self.loader.state_dict())
-        path = None
+        path, failure = None, None
         if self.env.is_main:
             state = {
                 "model": self.objective.model.state_dict(),
@@ -311,13 +312,19 @@ class Trainer:
                 "data": data,
                 "world_size": self.env.world_size,
             }
-            path = str(ckpt.save_checkpoint(self.output, self.step, state))
-        self.last_checkpoint = Path(broadcast_object(self.env, path))
+            try:
+                path = str(ckpt.save_checkpoint(self.output, self.step, state, keep=self.cfg.train.keep_checkpoints))
+            except UserError as err:
+                failure = str(err)
+        path, failure = broadcast_object(self.env, (path, failure))  # every rank stops on a failed save
+        if failure:
+            raise UserError(failure)
+        self.last_checkpoint = Path(path)
 
-    def _resume(self, path: Optional[Path]) -> None:
-        if path is None:
+    def _resume(self, start: Optional[tuple[Path, dict]]) -> None:
+        if start is None:
             return
-        state = ckpt.load_checkpoint(path)
+        path, state = start
         saved_world = state.get("world_size", len(state.get("data", [])))
         if saved_world != self.env.world_size:
             raise UserError(f"{path} was written by {saved_world} process(es); resume it with the same number "

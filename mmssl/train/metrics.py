@@ -2,13 +2,14 @@
 
 `metrics.jsonl` is the record a user (or a test, or the quickstart report) reads back: one JSON
 object per log step, appended, so a resumed run continues the same file. Records past the resume
-step (written by the interrupted run after its last checkpoint) are dropped first so the file
-reads as one uninterrupted run.
+step (written by the interrupted run after its last checkpoint), and a last line torn by a kill,
+are dropped first (rewriting the file atomically) so the file reads as one uninterrupted run.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,16 +45,30 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl file, in order."""
+    """All records of a metrics.jsonl file, in order; a torn last line (a run killed while
+    writing it) is left out, any other malformed line is an error."""
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = handle.read().split("\n")
+    records = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:  # no newline after it: the write never finished
+                break
+            raise ValueError(f"{path}, line {number + 1}: not a JSON record") from None
+    return records
 
 
 def _drop_records_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+    os.replace(tmp, path)
 
 
 def _tensorboard_writer(logdir: Path):
