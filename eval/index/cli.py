@@ -23,7 +23,10 @@ def register(subparsers) -> None:
                        "embeds --data and later the queries")
     build.add_argument("--data", help="shards to index: a folder with manifest.json or a brace pattern")
     build.add_argument("--embeddings", help="precomputed embeddings (.npy, one row per item) instead of --data")
-    build.add_argument("--metadata", help="parquet with one row per embedding (key, caption, url, ...)")
+    build.add_argument("--metadata", help="parquet with one row per embedding (key, caption, url, image_path, ...)")
+    build.add_argument("--image-root", action="append", metavar="DIR",
+                       help="with --embeddings: a folder the metadata's image_path files may be served from "
+                            "(repeatable; default: the metadata parquet's folder)")
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument("--memory-budget", default="4G", help="most memory the index may use (default 4G)")
     build.add_argument("--recall-target", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
@@ -53,6 +56,7 @@ def run_build(args: argparse.Namespace) -> int:
     require((args.data is None) != (args.embeddings is None), "give exactly one of --data or --embeddings")
     require(args.data is None or args.checkpoint is not None, "--data needs --checkpoint to embed the images")
     require(args.metadata is None or args.embeddings is not None, "--metadata goes with --embeddings")
+    require(args.image_root is None or args.embeddings is not None, "--image-root goes with --embeddings")
     require(0.0 < args.recall_target <= 1.0, f"--recall-target must be in (0, 1], got {args.recall_target}")
     require(args.batch_size > 0 and args.workers >= 0, "--batch-size must be > 0 and --workers >= 0")
     parse_memory(args.memory_budget)
@@ -64,12 +68,13 @@ def run_build(args: argparse.Namespace) -> int:
         collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers,
                                  allow_remote=args.allow_remote)
     else:
-        collection = from_embeddings(args.embeddings, args.metadata)
+        collection = from_embeddings(args.embeddings, args.metadata, args.image_root)
         if model is not None:
             _check_model_dim(model, collection.vectors.shape[1])
     index, info = build_index(collection.vectors, args.memory_budget, args.recall_target,
                               queries=collection.queries, query_source=collection.query_source)
-    info = save_index_folder(args.out, index, {**info, "source": collection.source}, collection.metadata, model)
+    info = save_index_folder(args.out, index, {**info, "source": collection.source,
+                                               "image_roots": collection.image_roots}, collection.metadata, model)
     tuning, held_out, built = info["tuning"], info["held_out"], info["index"]
     knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
     checked = f", {held_out['recall']:.3f} held out" if held_out["recall"] is not None else ""

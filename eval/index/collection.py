@@ -7,7 +7,8 @@ vectors themselves are sampled as tuning queries).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,13 @@ class Collection:
     queries: np.ndarray | None     # tuning queries (None: sample the vectors)
     query_source: str              # what the tuning queries are, for index_info.json
     source: dict                   # recorded in index_info.json
+    image_roots: list = field(default_factory=list)   # the only folders images may be served from
 
 
-def from_embeddings(embeddings: str | Path, metadata: str | Path | None = None) -> Collection:
+def from_embeddings(embeddings: str | Path, metadata: str | Path | None = None,
+                    image_roots: list | None = None) -> Collection:
+    """`image_roots` (default: the metadata parquet's folder) bound where `image_path` files may
+    be served from; relative image paths are taken relative to the parquet's folder."""
     path = Path(embeddings)
     if not path.is_file():
         raise UserError(f"embeddings file not found: {path}")
@@ -39,14 +44,53 @@ def from_embeddings(embeddings: str | Path, metadata: str | Path | None = None) 
     if vectors.ndim != 2 or len(vectors) == 0 or vectors.dtype.kind != "f":
         raise UserError(f"{path}: expected a non-empty 2-d float array, got {vectors.dtype} {vectors.shape}")
     table = read_user_metadata(metadata, len(vectors)) if metadata else default_metadata(len(vectors))
+    roots = []
+    if metadata:
+        base = Path(metadata).resolve().parent
+        table = _absolute_image_paths(table, base)
+        roots = _image_roots(image_roots or [str(base)], table)
+    elif image_roots:
+        roots = _image_roots(image_roots, table)
     source = {"embeddings": str(path.resolve()), "metadata": str(Path(metadata).resolve()) if metadata else None}
-    return Collection(vectors, table, None, "sample of the indexed vectors", source)
+    return Collection(vectors, table, None, "sample of the indexed vectors", source, roots)
+
+
+def _absolute_image_paths(table: pa.Table, base: Path) -> pa.Table:
+    """`image_path` values made absolute (relative ones against `base`) and normalised."""
+    if "image_path" not in table.column_names:
+        return table
+    paths = [os.path.normpath(base / value) if value else value
+             for value in table.column("image_path").to_pylist()]
+    return table.set_column(table.column_names.index("image_path"), "image_path", pa.array(paths, pa.string()))
+
+
+def _image_roots(roots: list, table: pa.Table) -> list[str]:
+    """The checked roots; UserError naming the first row whose image lies outside all of them."""
+    from eval.index.stored_images import checked_roots, first_row_outside
+
+    for root in roots:
+        if not Path(root).is_dir():
+            raise UserError(f"--image-root {root}: not a folder")
+    resolved = checked_roots([str(Path(root).resolve()) for root in roots])
+    shards = _column(table, "shard") if "image_offset" in table.column_names else None
+    outside = first_row_outside(shards, _column(table, "image_path"), resolved)
+    if outside is not None:
+        i, what = outside
+        raise UserError(f"metadata row {i} (key {table.column('key')[i].as_py()!r}) names {what}, outside the "
+                        f"image roots {', '.join(resolved)}; pass --image-root DIR for each folder images may "
+                        "be served from")
+    return resolved
+
+
+def _column(table: pa.Table, name: str) -> list | None:
+    return table.column(name).to_pylist() if name in table.column_names else None
 
 
 def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allow_remote: bool = False) -> Collection:
     """Embed every image of the shards (and its first caption, as a tuning query)."""
     from eval.embed import embed_images, embed_texts, open_eval_data
     from eval.index.shard_members import shard_members
+    from eval.index.stored_images import image_roots_of_shards
 
     batches = open_eval_data(data, loaded.transform, batch_size=batch_size, workers=workers,
                              allow_remote=allow_remote)
@@ -72,4 +116,5 @@ def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allo
     queries = embed_texts(loaded, texts, batch_size=batch_size, description="captions")[0] if texts else None
     source = {"data": data, "skipped_corrupt": embedded.skipped, "expected": embedded.expected}
     query_source = "caption embeddings (text->image)" if queries is not None else "sample of the indexed vectors"
-    return Collection(embedded.features, table, queries, query_source, source)
+    roots = image_roots_of_shards(row.get("shard") for row in rows)
+    return Collection(embedded.features, table, queries, query_source, source, roots)
