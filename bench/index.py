@@ -65,9 +65,10 @@ def main() -> None:
         test_queries = np.array(stored[args.n + 2 * args.queries:])
 
         rss_before = process.memory_info().rss
-        index, info = build_index(vectors, args.memory_budget, args.recall_target, queries=build_queries,
-                                  query_source="held-out clustered vectors", k=k,
-                                  num_queries=args.queries, progress=False)
+        built = build_index(vectors, args.memory_budget, args.recall_target, queries=build_queries,
+                            query_source="held-out clustered vectors", k=k,
+                            num_queries=args.queries, progress=False)
+        index, info = built.index, built.info
         rss_after_build = process.memory_info().rss
         index_file = Path(work) / "index.faiss"
         faiss.write_index(index, str(index_file))

@@ -89,7 +89,9 @@ def test_approximate_index_reaches_recall_target_on_held_out_queries(data, hnsw_
     plan = choose_index(len(vectors), 32, parse_memory("1G"), flat_max_vectors=1_000,
                         hnsw_max_vectors=hnsw_max_vectors)
     assert plan.factory == factory
-    index, info = build_index(vectors, "1G", 0.95, queries=queries, num_queries=150, plan=plan, progress=False)
+    built = build_index(vectors, "1G", 0.95, queries=queries, num_queries=150, plan=plan, progress=False)
+    index, info = built.index, built.info
+    assert built.order is None  # given queries: nothing held out, ids are the row numbers
     tuning, held_out = info["tuning"], info["held_out"]
     assert tuning["num_queries"] == 150 and held_out["num_queries"] == 150
     # the target is met by the lower end of a 2-standard-error interval, so the mean sits above it
@@ -111,7 +113,8 @@ def test_lower_bound_is_two_standard_errors_below_the_mean():
 
 def test_flat_index_is_exact(data):
     vectors, queries = data
-    index, info = build_index(vectors[:2_000], "1G", 0.95, queries=queries, progress=False)
+    built = build_index(vectors[:2_000], "1G", 0.95, queries=queries, progress=False)
+    index, info = built.index, built.info
     assert info["index"]["factory"] == "Flat" and info["tuning"]["recall"] == 1.0
     assert _held_out_recall(index, vectors[:2_000], queries) == 1.0
 
@@ -122,7 +125,8 @@ def test_pq_index_under_a_tight_budget_reports_its_real_recall(data):
     plan = choose_index(len(vectors), 32, parse_memory("220K"))
     assert plan.factory == "OPQ4_32,IVF256,PQ4x8"
     fast = dataclasses.replace(plan, params={**plan.params, "opq_iterations": 4})
-    index, info = build_index(vectors, "220K", 0.95, queries=queries, plan=fast, progress=False)
+    built = build_index(vectors, "220K", 0.95, queries=queries, plan=fast, progress=False)
+    index, info = built.index, built.info
     tuning, held_out = info["tuning"], info["held_out"]
     assert not tuning["target_reached"] and not held_out["target_met"]  # 4-byte codes cannot rank 10 neighbours
     # 300 queries split 150/150: recall over all of them is the mean of the two halves' recalls

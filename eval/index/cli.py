@@ -71,10 +71,11 @@ def run_build(args: argparse.Namespace) -> int:
         collection = from_embeddings(args.embeddings, args.metadata, args.image_root)
         if model is not None:
             _check_model_dim(model, collection.vectors.shape[1])
-    index, info = build_index(collection.vectors, args.memory_budget, args.recall_target,
-                              queries=collection.queries, query_source=collection.query_source)
-    info = save_index_folder(args.out, index, {**info, "source": collection.source,
-                                               "image_roots": collection.image_roots}, collection.metadata, model)
+    built = build_index(collection.vectors, args.memory_budget, args.recall_target,
+                        queries=collection.queries, query_source=collection.query_source)
+    metadata = collection.metadata if built.order is None else collection.metadata.take(built.order)
+    info = save_index_folder(args.out, built.index, {**built.info, "source": collection.source,
+                                                     "image_roots": collection.image_roots}, metadata, model)
     tuning, held_out, built = info["tuning"], info["held_out"], info["index"]
     knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
     checked = f", {held_out['recall']:.3f} held out" if held_out["recall"] is not None else ""

@@ -2,24 +2,39 @@
 
 index_info.json says what was built and why (type, parameters, memory estimate, tuned search
 knob, measured recall, timings), which model embeds queries (`model`: a checkpoint path or an
-`openclip:` spec, or null for an index of foreign embeddings), and the row count and keys
-checksum that tie the metadata rows to the FAISS ids. Loading re-checks all three counts and the
-checksum, and re-applies the tuned search knob.
+`openclip:` spec, or null for an index of foreign embeddings), and what ties the three files
+together: the row count, a SHA-256 over the keys in id order, and the size and SHA-256 of
+`index.faiss` and `metadata.parquet`. Loading checks all of them before FAISS parses a byte, so
+an `index.faiss` from another build (same count, other vectors) is refused instead of silently
+answering with the wrong rows, and re-applies the tuned search knob.
+
+Index folders are shared like datasets, so the info file is validated as untrusted input too
+(types, the search knob's name and range), and the file sizes bound what loading may allocate.
+
+Saving builds the folder under a temporary name beside `--out` and swaps it in with renames at
+the end, so a rebuild that fails or is killed leaves the previous index whole.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from eval.index.metadata import Metadata, load_metadata, write_metadata
+from eval.index.metadata import METADATA_FILE, Metadata, load_metadata, write_metadata
 from mmssl.errors import UserError
 
 INDEX_FILE = "index.faiss"
 INFO_FILE = "index_info.json"
-FORMAT_VERSION = 1
+FOLDER_FILES = (INDEX_FILE, METADATA_FILE, INFO_FILE)
+FORMAT_VERSION = 2
+MAX_INFO_BYTES = 16 * 2**20
+SEARCH_PARAMS = {"efSearch": 1 << 16, "nprobe": 1 << 24}   # knob -> largest value accepted from a file
+_HASH_CHUNK = 8 * 2**20
 
 
 @dataclass
@@ -34,30 +49,142 @@ class IndexFolder:
         return self.info.get("model")
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table, model: str | None) -> dict:
-    """Write the three files; returns the info dict as written (with file size and checksum)."""
+    """Write the three files into a fresh folder and swap it in for `out_dir`; returns the info
+    dict as written (with file sizes and checksums). UserError when `out_dir` holds anything
+    that is not an index folder (it is never deleted)."""
     import faiss
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
     if metadata.num_rows != index.ntotal:
         raise ValueError(f"metadata has {metadata.num_rows} rows for {index.ntotal} vectors")
-    faiss.write_index(index, str(out / INDEX_FILE))
-    checksum = write_metadata(out, metadata)
-    info = {"format_version": FORMAT_VERSION, **info, "model": model, "keys_sha256": checksum,
-            "index_file_bytes": (out / INDEX_FILE).stat().st_size}
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    staging = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        faiss.write_index(index, str(staging / INDEX_FILE))
+        checksum = write_metadata(staging, metadata)
+        info = {"format_version": FORMAT_VERSION, **info, "model": model, "keys_sha256": checksum,
+                "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
+                          for name in (INDEX_FILE, METADATA_FILE)}}
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for name in FOLDER_FILES:
+            _fsync_file(staging / name)
+        _swap_in(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write the index folder {out}: {err.strerror or err}; "
+                        "the previous one (if any) is unchanged") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return info
 
 
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in FOLDER_FILES)
+        if foreign:
+            raise UserError(f"--out {out} holds files that are not part of an index folder "
+                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose another folder")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` by `staging`: the old folder moves aside, the new one takes its name, the old
+    one is deleted. A kill between the two renames leaves the old index whole under `.NAME.previous-PID`."""
+    previous = None
+    if out.exists():
+        previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)
+    os.replace(staging, out)
+    _fsync_dir(out.parent)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def read_info(index_dir: str | Path) -> dict:
+    """index_info.json, checked to be the kind of file `mmssl index build` writes."""
     path = Path(index_dir) / INFO_FILE
     if not path.is_file():
         raise UserError(f"{index_dir}: not an index folder (no {INFO_FILE}); build one with `mmssl index build`")
+    if path.stat().st_size > MAX_INFO_BYTES:
+        raise UserError(f"{path} is over {MAX_INFO_BYTES} bytes: not an index_info.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+        info = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    _check_info(info, path)
+    return info
+
+
+def _check_info(info, path: Path) -> None:
+    def bad(what: str):
+        raise UserError(f"{path}: {what}; rebuild the index with `mmssl index build`")
+
+    if not isinstance(info, dict):
+        bad("not a JSON object")
+    if info.get("format_version") != FORMAT_VERSION:
+        bad(f"format_version {info.get('format_version')!r} is not {FORMAT_VERSION} (made by another mmssl version)")
+    for key in ("count", "dim"):
+        if isinstance(info.get(key), bool) or not isinstance(info.get(key), int) or info[key] < 1:
+            bad(f"{key!r} must be a positive integer")
+    if not isinstance(info.get("keys_sha256"), str):
+        bad("no keys_sha256")
+    files = info.get("files")
+    for name in (INDEX_FILE, METADATA_FILE):
+        entry = files.get(name) if isinstance(files, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            bad(f"no size and sha256 recorded for {name}")
+    search = info.get("search") or {}
+    if not isinstance(search, dict):
+        bad("'search' must be an object")
+    param, value = search.get("param"), search.get("value")
+    if param is not None and (param not in SEARCH_PARAMS or isinstance(value, bool) or not isinstance(value, int)
+                              or not 1 <= value <= SEARCH_PARAMS[param]):
+        bad(f"search knob {param!r}={value!r} is not one mmssl sets")
+    if info.get("model") is not None and not isinstance(info["model"], str):
+        bad("'model' must be a string or null")
+
+
+def check_file(folder: Path, name: str, info: dict) -> Path:
+    """The path of one of the folder's data files, after checking its size and SHA-256."""
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"{folder}: no {name}")
+    expected = info["files"][name]
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise UserError(f"{path} is {size} bytes but {INFO_FILE} says {expected['bytes']}: "
+                        "the file is not the one this index was built with; rebuild the index")
+    if file_sha256(path) != expected["sha256"]:
+        raise UserError(f"{path}: SHA-256 differs from {INFO_FILE}: the file is not the one this index "
+                        "was built with; rebuild the index")
+    return path
 
 
 def load_index_folder(index_dir: str | Path) -> IndexFolder:
@@ -68,13 +195,16 @@ def load_index_folder(index_dir: str | Path) -> IndexFolder:
 
     folder = Path(index_dir)
     info = read_info(folder)
-    if not (folder / INDEX_FILE).is_file():
-        raise UserError(f"{folder}: no {INDEX_FILE}")
-    index = faiss.read_index(str(folder / INDEX_FILE))
-    if index.ntotal != info["count"]:
-        raise UserError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors but {INFO_FILE} says "
-                        f"{info['count']}; rebuild the index")
-    metadata = load_metadata(folder, index.ntotal, info["keys_sha256"])
+    index_path = check_file(folder, INDEX_FILE, info)
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as err:
+        raise UserError(f"{index_path}: FAISS cannot read it ({str(err).splitlines()[0]})") from None
+    if index.ntotal != info["count"] or index.d != info["dim"]:
+        raise UserError(f"{folder}: {INDEX_FILE} holds {index.ntotal} {index.d}-d vectors but {INFO_FILE} says "
+                        f"{info['count']} {info['dim']}-d; rebuild the index")
+    metadata = load_metadata(folder, index.ntotal, info["keys_sha256"])  # the clearest messages first
+    check_file(folder, METADATA_FILE, info)
     search = info.get("search") or {}
     set_search_param(index, search.get("param"), search.get("value"))
     return IndexFolder(index, metadata, info, folder)
