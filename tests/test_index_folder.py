@@ -126,3 +126,15 @@ def test_held_out_recall_is_what_queries_outside_the_index_get(tmp_path):
     # every vector is in the index, under the key of its row
     _, own = folder.index.search(vectors[:50], 1)
     assert [folder.metadata.keys[i] for i in own[:, 0]] == [str(i) for i in range(50)]
+
+
+def test_what_a_killed_build_left_is_cleaned_up_or_restored(tmp_path):
+    folder, vectors = _build(tmp_path, "a", seed=1)
+    before = _files(folder)
+    dead = 2**22 + 12345  # above the kernel's default pid_max: no such process
+    staging = tmp_path / f".a.building-{dead}"
+    staging.mkdir()
+    (staging / "index.faiss").write_bytes(b"half")
+    folder.rename(tmp_path / f".a.previous-{dead}")  # killed between moving the old index aside and the swap
+    assert _files(load_index_folder(folder).path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

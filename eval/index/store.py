@@ -64,6 +64,7 @@ def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table
     import faiss
 
     out = Path(out_dir)
+    recover_interrupted_build(out)
     _check_replaceable(out)
     if metadata.num_rows != index.ntotal:
         raise ValueError(f"metadata has {metadata.num_rows} rows for {index.ntotal} vectors")
@@ -98,6 +99,33 @@ def _check_replaceable(out: Path) -> None:
         if foreign:
             raise UserError(f"--out {out} holds files that are not part of an index folder "
                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose another folder")
+
+
+def recover_interrupted_build(out: Path) -> None:
+    """Undo what a killed build left beside `out`: its staging folder goes; an old index moved
+    aside just before the kill (`out` missing) moves back."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.building-*")) if out.parent.is_dir() else []:
+        if not _process_alive(leftover.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for previous in sorted(out.parent.glob(f".{out.name}.previous-*")) if out.parent.is_dir() else []:
+        if _process_alive(previous.name.rsplit("-", 1)[-1]):
+            continue
+        if not out.exists():
+            os.replace(previous, out)
+        else:
+            shutil.rmtree(previous, ignore_errors=True)
+
+
+def _process_alive(pid_text: str) -> bool:
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -194,6 +222,10 @@ def load_index_folder(index_dir: str | Path) -> IndexFolder:
     from eval.index.tune import set_search_param
 
     folder = Path(index_dir)
+    try:
+        recover_interrupted_build(folder)
+    except OSError:  # a read-only place: load what is there
+        pass
     info = read_info(folder)
     index_path = check_file(folder, INDEX_FILE, info)
     try:
