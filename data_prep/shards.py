@@ -7,19 +7,25 @@ Layout of one dataset folder:
     sizes.json           {"00000.tar": count, ...}: what open_clip's loader reads for dataset size
     failures.jsonl       one line per row that did not become a sample, with its reason
 
-Why atomic writes: a killed run must never leave a half-written `.tar`. Every file is written
-under a `.tmp` name and renamed; a shard counts as finished only once both its tar and its stats
-exist, so `--resume` redoes exactly the unfinished shards. Tar members carry fixed metadata
+Why atomic, durable writes: a killed run (or a crashed machine) must never leave a half-written
+`.tar`. Every file goes through `atomic_write`: written under a `.tmp` name, fsynced, renamed, and
+the folder fsynced, so what a rename made visible is also on disk. A shard counts as finished
+only once both its tar and its stats exist, so `--resume` redoes exactly the unfinished shards.
+A write that fails (disk full, file too large, no permission) is a UserError naming the file, and
+its `.tmp` is removed: nothing finished before is touched. Tar members carry fixed metadata
 (mtime, owner, mode), so the same rows always give byte-identical shards.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tarfile
 from pathlib import Path
 
 from mmssl.errors import UserError
+
+from data_prep.samples import sample_meta
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
@@ -51,14 +57,47 @@ def read_stats(out_dir: Path, shard: int) -> dict:
     return json.loads((out_dir / stats_name(shard)).read_text())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, chunks) -> None:
+    """Write the byte strings `chunks` as `path`: all of it or nothing, and on disk once it returns.
+
+    The one place data_prep writes files. Any OSError becomes a UserError naming `path` (the
+    `.tmp` is removed first), so a full disk stops the run with one line.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write(path, [text.encode("utf-8")])
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (filesystems that cannot fsync a folder are skipped)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass  # already gone, or the folder itself is the problem (reported by the caller)
 
 
 def _json_text(obj) -> str:
@@ -96,20 +135,18 @@ def _tar_end(written: int) -> bytes:
 
 
 def sample_members(key: str, sample) -> bytes:
-    """A sample's three tar members ({key}.jpg, .txt, .json), ready to append to a shard."""
-    meta = _json_text({"key": key, **sample.meta}).encode("utf-8")
+    """A sample's three tar members ({key}.jpg, .txt, .json), ready to append to a shard.
+
+    The json's `key` is always the member key; a source field called `key` stays as `source_key`.
+    """
+    meta = _json_text(sample_meta(sample.meta, {"key": key})).encode("utf-8")
     return (_tar_member(f"{key}.jpg", sample.jpg) + _tar_member(f"{key}.txt", sample.txt.encode("utf-8"))
             + _tar_member(f"{key}.json", meta))
 
 
 def write_shard(out_dir: Path, shard: int, members: list, stats: dict) -> None:
     """Write the samples' member bytes (see sample_members) as one tar, then its stats; tar first."""
-    tar_path = out_dir / shard_name(shard)
-    tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as out:
-        written = sum(out.write(blob) for blob in members)
-        out.write(_tar_end(written))
-    os.replace(tmp, tar_path)
+    atomic_write(out_dir / shard_name(shard), [*members, _tar_end(sum(map(len, members)))])
     atomic_write_text(out_dir / stats_name(shard), _json_text(stats) + "\n")
 
 
@@ -131,18 +168,24 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = list(out_dir.iterdir())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = list(out_dir.iterdir())
+    except OSError as err:
+        raise UserError(f"cannot create output folder {out_dir}: {err.strerror or err}") from None
     if overwrite:
-        for path in entries:
-            if path.is_file() and _is_dataset_file(path):
-                path.unlink()
+        stale = [path for path in entries if path.is_file() and _is_dataset_file(path)]
     elif resume:
-        for path in entries:
-            if path.name.endswith(TMP_SUFFIX):
-                path.unlink()
+        stale = [path for path in entries if path.name.endswith(TMP_SUFFIX)]
     elif entries:
         raise UserError(f"output folder {out_dir} is not empty; pass --resume to continue it or --overwrite to replace it")
+    else:
+        stale = []
+    for path in stale:
+        try:
+            path.unlink()
+        except OSError as err:
+            raise UserError(f"cannot remove {path}: {err.strerror or err}") from None
 
 
 def write_manifest(

@@ -77,9 +77,11 @@ def _exact_top_k(searcher, query_vector, k):
 
 
 def test_health(client):
-    health = client.get("/health").json()
-    assert health["status"] == "ok" and health["count"] == NUM_ITEMS
+    response = client.get("/health")
+    health = response.json()
+    assert response.status_code == 200 and health["status"] == "ok" and health["count"] == NUM_ITEMS
     assert health["index"] == "Flat" and health["model"] == MODEL
+    assert health["queue_depth"] == 0 and health["max_queue"] == 256 and health["worker_restarts"] == 0
 
 
 def test_text_search_matches_exact_search_and_cli(client, searcher, index_dir, capsys):
@@ -162,7 +164,8 @@ def _base64_of_non_image() -> str:
     ({"text": "a", "k": True}, 400, "k must be an integer in 1..1000"),
     ({"text": "a", "limit": 3}, 400, "unknown field(s): limit"),
     ({"image": "***not base64***"}, 400, "not valid base64"),
-    ({"image": _base64_of_non_image()}, 400, "not a readable image"),
+    ({"image": _base64_of_non_image()}, 400, "not a JPEG, PNG, WebP or GIF image"),
+    ({"text": "a" * 1001}, 400, "the limit is 1000 (--max-text-chars)"),
     ([1, 2], 400, "must be a JSON object"),
 ])
 def test_bad_requests_get_4xx_json(client, payload, status, message):
@@ -175,9 +178,11 @@ def test_malformed_and_oversized_bodies(client):
     not_json = client.post("/search", content=b"{text: nope", headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"] == "body is not valid JSON"
     big = json.dumps({"image": "A" * (10 * 2**20)}).encode()
-    declared = client.post("/search", content=big)
+    json_type = {"content-type": "application/json"}
+    declared = client.post("/search", content=big, headers=json_type)
     assert declared.status_code == 413 and "over 10485760 bytes" in declared.json()["error"]
-    chunked = client.post("/search", content=(big[i:i + 2**20] for i in range(0, len(big), 2**20)))
+    chunked = client.post("/search", content=(big[i:i + 2**20] for i in range(0, len(big), 2**20)),
+                          headers=json_type)
     assert chunked.status_code == 413
     assert client.get("/search").status_code == 405
 

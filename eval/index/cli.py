@@ -108,23 +108,26 @@ def _check_model_dim(model: str, dim: int) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from eval.index.query import decode_image
+    from eval.index.image_guard import ImageRefused
+    from eval.index.query import check_text_query
     from eval.index.search import Searcher
     from mmssl.errors import UserError, require
 
     require(1 <= args.k <= MAX_K, f"-k must be in 1..{MAX_K}, got {args.k}")
     require(args.text is None or args.text.strip() != "", "--text is empty")
+    if args.text is not None:
+        check_text_query(args.text)
+    path = Path(args.image) if args.image is not None else None
+    if path is not None and not path.is_file():
+        raise UserError(f"image not found: {path}")
     searcher = Searcher.open(args.index)
     if args.text is not None:
         hits = searcher.search_texts([args.text], args.k)[0]
     else:
-        path = Path(args.image)
-        if not path.is_file():
-            raise UserError(f"image not found: {path}")
         try:
-            image = decode_image(path.read_bytes())
-        except UserError:
-            raise UserError(f"{path}: not a readable image") from None
+            image = searcher.require_encoder().prepare_image(path.read_bytes())
+        except ImageRefused as err:
+            raise UserError(f"{path}: {err}") from None
         hits = searcher.search_images([image], args.k)[0]
     width = max([len("key")] + [len(hit.key) for hit in hits])
     print(f"{'rank':>4}  {'score':>7}  {'key':<{width}}  caption")

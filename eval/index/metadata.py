@@ -8,6 +8,8 @@ count and a SHA-256 over the keys in id order, and loading refuses a table that 
 Columns: `key` and `caption` always; where the image can be served, either `shard` (tar path),
 `image_offset` and `image_size` (the JPEG's bytes inside the tar) or `image_path` (a local file);
 `url` (a remote image, clip-retrieval style) and `json` (the sample's json fields) when known.
+Reading a stored image goes through `eval.index.stored_images`, which confines it to the roots
+recorded at build time.
 """
 from __future__ import annotations
 
@@ -90,25 +92,6 @@ class Metadata:
         record = {"key": self.keys[i], "caption": self.captions[i]}
         record.update({name: values[i] for name, values in self.columns.items()})
         return record
-
-    def has_local_image(self, i: int) -> bool:
-        shard = self.columns.get("shard")
-        if shard is not None and shard[i] and self.columns["image_offset"][i] is not None:
-            return True
-        path = self.columns.get("image_path")
-        return path is not None and bool(path[i])
-
-    def read_image(self, i: int) -> bytes | None:
-        """The image's bytes: a slice of its tar shard, or a local file; None when not stored."""
-        shard = self.columns.get("shard")
-        if shard is not None and shard[i] and self.columns["image_offset"][i] is not None:
-            with open(shard[i], "rb") as file:
-                file.seek(self.columns["image_offset"][i])
-                return file.read(self.columns["image_size"][i])
-        path = self.columns.get("image_path")
-        if path is not None and path[i]:
-            return Path(path[i]).read_bytes()
-        return None
 
 
 def load_metadata(index_dir: Path, expected_count: int, expected_checksum: str) -> Metadata:

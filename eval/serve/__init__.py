@@ -6,15 +6,19 @@
     GET  /health      status, index size and type, queries served, text-cache hit rate
     GET  /            a small search page (no external scripts)
 
-Modules: `app` (routes), `batching` (the query worker), `requests` (parsing and validating a
-search request), `page` (the web page).
+Modules: `app` (routes and error answers), `batching` (the query worker and its supervisor),
+`requests` (reading and validating a search request), `options` (every limit, with its default),
+`hosts` (Host header check against DNS rebinding), `cors` (CORS, off by default), `page` (the web
+page). Query images are admitted by `eval.index.image_guard`; stored images are served by
+`eval.index.stored_images`, only from the roots recorded at build time. docs/serve.md has the
+limits, the status codes and the trust model.
 
 Throughput design: every query is handed to one worker thread that drains whatever queries are
 waiting, embeds them in one batched forward pass per kind and searches FAISS once for the batch.
 On a CPU this beats running requests in parallel (which only splits the same cores between
 forward passes) and keeps latency flat under concurrency; the event loop only parses JSON and
 writes responses. Bad requests get a 4xx JSON `{"error": ...}`; nothing a client sends can stop
-the worker.
+the worker, and the work in flight is bounded (queue, body bytes, image decodes, timeouts).
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ MAX_BATCH = 32
 
 
 def register(subparsers) -> None:
+    from eval.serve.options import ServeOptions
+
+    defaults = ServeOptions()
+    limits = defaults.image_limits
     parser = subparsers.add_parser("serve", help="serve an index over HTTP (search API and web page)")
     parser.add_argument("--index", required=True, help="index folder made by `mmssl index build`")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -32,14 +40,51 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch / faiss threads for queries (default: the machine's cores, at most 4)")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most queries embedded in one pass")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help=f"queries waiting for the worker before new ones get 503 (default {defaults.max_queue})")
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
+                        help=f"seconds to answer a query before 504 (default {defaults.request_timeout:g})")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
+                        help=f"seconds to receive a request body before 408 (default {defaults.body_timeout:g})")
+    parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
+                        help=f"longest text query (default {defaults.max_text_chars})")
+    parser.add_argument("--max-image-side", type=int, default=limits.max_side,
+                        help=f"largest query image side in pixels (default {limits.max_side})")
+    parser.add_argument("--max-image-pixels", type=int, default=limits.max_pixels,
+                        help=f"most query image pixels (default {limits.max_pixels})")
+    parser.add_argument("--max-image-aspect", type=float, default=limits.max_aspect,
+                        help=f"largest long-to-short side ratio of a query image (default {limits.max_aspect:g})")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="another name the Host header may carry (repeatable; *.example.com for subdomains)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="an origin whose pages may call the API (repeatable; CORS is off without it)")
     parser.set_defaults(func=run_serve)
 
 
+def serve_options(args: argparse.Namespace):
+    """ServeOptions from the flags; UserError for a value out of range."""
+    from eval.index.image_guard import ImageLimits
+    from eval.serve.options import ServeOptions
+    from mmssl.errors import require
+
+    require(args.max_batch >= 1 and args.max_queue >= 1, "--max-batch and --max-queue must be >= 1")
+    require(args.request_timeout > 0 and args.body_timeout > 0, "--request-timeout and --body-timeout must be > 0")
+    require(args.max_text_chars >= 1, "--max-text-chars must be >= 1")
+    limits = ImageLimits(args.max_image_side, args.max_image_pixels, args.max_image_aspect)
+    return ServeOptions(bind_host=args.host, allowed_hosts=tuple(args.allowed_host),
+                        cors_origins=tuple(args.cors_origin), max_batch=args.max_batch, max_queue=args.max_queue,
+                        request_timeout=args.request_timeout, body_timeout=args.body_timeout,
+                        max_text_chars=args.max_text_chars, image_limits=limits)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    import sys
+
     from mmssl.errors import require
 
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
-    require(args.threads >= 0 and args.max_batch >= 1, "--threads must be >= 0 and --max-batch >= 1")
+    require(args.threads >= 0, "--threads must be >= 0")
+    options = serve_options(args)
     # torch and faiss each bring an OpenMP pool; idle spinning in one starves the other
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
@@ -51,8 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         configure_threads(args.threads)
         searcher = Searcher.open(args.index)
-        app = create_app(searcher, max_batch=args.max_batch)
+        app = create_app(searcher, options)
+        if not app.state.images.enabled:
+            sys.stderr.write("mmssl serve: this index records no image roots (built before they were recorded): "
+                             "its images are not served; rebuild it to serve them\n")
         host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
         print(f"serving {searcher.folder.path} ({searcher.folder.info['count']} items) on http://{host}:{port}",
               flush=True)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)

@@ -1,4 +1,12 @@
-"""The FastAPI application: routes, JSON errors, image bytes straight from the shards."""
+"""The FastAPI application: routes, JSON errors, the limits of `ServeOptions`, stored images.
+
+Every answer to a bad or unlucky request is a 4xx/5xx JSON `{"error": ...}`:
+400 bad query, 404 unknown key / route or no servable image, 405 wrong method, 408 body too slow,
+413 body or image over a limit, 415 not JSON, 421 Host not allowed, 499 client went away (never
+seen by it), 500 a failure while answering, 503 queue full / body budget spent / worker
+restarting (with Retry-After), 504 no answer within the request timeout. `/health` answers 503
+while the query worker is down or stuck.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -6,37 +14,56 @@ import time
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eval.serve.batching import QueryBatcher
+from eval.index.stored_images import StoredImages
+from eval.serve.batching import QueryBatcher, QueueFull, WorkerUnavailable
+from eval.serve.cors import JSONCORSMiddleware, cors_options
+from eval.serve.hosts import HostCheckMiddleware, HostPolicy
+from eval.serve.options import ServeOptions
 from eval.serve.page import PAGE
-from eval.serve.requests import BadRequest, decode_image_field, parse_search_request, read_limited_body
+from eval.serve.requests import (RETRY, BadRequest, BodyBudget, Reservation, parse_search_request,
+                                 prepare_image_field, read_limited_body, require_json_content_type)
 
-from eval.serve import MAX_BATCH
-
-MAX_BODY_BYTES = 10 * 2**20
 MAX_K = 1000
 
 
-def create_app(searcher, max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app for a `Searcher`; the batching worker starts and stops with the app."""
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+def create_app(searcher, options: ServeOptions | None = None):
+    """The FastAPI app for a `Searcher`; the batching worker starts and stops with the app.
+    UserError when the index's rows name images outside its recorded roots."""
+    options = options or ServeOptions()
     folder = searcher.folder
     metadata = folder.metadata
-    batcher = QueryBatcher(searcher, max_batch=max_batch)
+    images = StoredImages.for_folder(folder)
+    batcher = QueryBatcher(searcher, max_batch=options.max_batch, max_queue=options.max_queue,
+                           restart_delay=options.restart_delay, stall_after=options.request_timeout)
+    budget = BodyBudget(options.max_body_bytes_in_flight)
+    counts = {"clients_gone": 0, "timeouts": 0}
+    decoders = {}
 
     @asynccontextmanager
     async def lifespan(app):
+        decoders["limiter"] = anyio.CapacityLimiter(options.image_decoders)
         batcher.start()
         yield
         batcher.stop()
 
     app = FastAPI(title="mmssl search", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.images = images
+    app.state.batcher = batcher
+    if options.cors_origins:
+        app.add_middleware(JSONCORSMiddleware, **cors_options(options.cors_origins))
+    app.add_middleware(HostCheckMiddleware, policy=HostPolicy.for_bind(options.bind_host, options.allowed_hosts))
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -48,23 +75,66 @@ def create_app(searcher, max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_B
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc):
-        return error(exc.status, exc.message)
+        return error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, exc):
+        return error(503, f"{exc}; retry shortly", RETRY)
+
+    @app.exception_handler(WorkerUnavailable)
+    async def worker_unavailable(request, exc):
+        return error(503, str(exc), RETRY)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, exc):
+        return error(499, "the client closed the connection")
 
     def image_url(i: int) -> str | None:
-        if metadata.has_local_image(i):
+        if images.has(i):
             return f"/image/{quote(metadata.keys[i], safe='')}"
         urls = metadata.columns.get("url")
         return urls[i] if urls is not None else None
 
+    async def answer(query, reservation: Reservation):
+        value = query.value
+        if query.kind == "image":
+            value = await anyio.to_thread.run_sync(prepare_image_field, value, searcher.encoder,
+                                                   options.image_limits, limiter=decoders["limiter"])
+            reservation.release()      # only the small input tensor is left
+        return await asyncio.wrap_future(batcher.submit(query.kind, value, query.k))
+
+    async def within_deadline(request: Request, work):
+        """The result of `work`, unless the client goes away (its query is then dropped) or the
+        request timeout passes first (504)."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, gone}, timeout=options.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()     # cancels the queued future too: the worker then skips it
+        if task in done:
+            return task.result()
+        if gone in done:
+            counts["clients_gone"] += 1
+            raise ClientGone()
+        counts["timeouts"] += 1
+        raise BadRequest(504, f"no answer within {options.request_timeout:g} s (--request-timeout)")
+
     @app.post("/search")
     async def search(request: Request):
         started = time.perf_counter()
-        body = await read_limited_body(request, max_body_bytes)
-        query = parse_search_request(body, MAX_K, searcher.encoder is not None)
-        value = query.value
-        if query.kind == "image":
-            value = await run_in_threadpool(decode_image_field, value)
-        hits = await asyncio.wrap_future(batcher.submit(query.kind, value, query.k))
+        require_json_content_type(request)
+        reservation = Reservation(budget)
+        try:
+            body = await read_limited_body(request, options.max_body_bytes, options.body_timeout, reservation)
+            query = parse_search_request(body, MAX_K, searcher.encoder is not None, options.max_text_chars)
+            del body
+            hits = await within_deadline(request, answer(query, reservation))
+        finally:
+            reservation.release()
         results = [{"rank": hit.rank, "key": hit.key, "caption": hit.caption, "score": round(hit.score, 6),
                     "image_url": image_url(hit.id)} for hit in hits]
         # a JSONResponse skips FastAPI's generic encoder: these are plain str/float/int already
@@ -74,32 +144,42 @@ def create_app(searcher, max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_B
     def image(key: str):
         i = metadata.key_to_id.get(key)
         if i is None:
-            return error(404, f"no item with key {key!r}")
-        data = metadata.read_image(i)
-        if data is None:
-            return error(404, f"no stored image for key {key!r}")
-        return Response(data, media_type=_media_type(data), headers={"Cache-Control": "max-age=3600"})
+            return error(404, f"no item with key {key[:200]!r}")
+        stored = images.read(i)
+        if stored is None:
+            return error(404, f"no servable image for key {key[:200]!r}")
+        data, media_type = stored
+        return Response(data, media_type=media_type,
+                        headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/health")
-    def health():
+    async def health():
+        healthy, why = batcher.health()
         encoder = searcher.encoder
         lookups = encoder.cache_hits + encoder.cache_misses if encoder else 0
-        return {"status": "ok", "count": folder.info["count"], "index": folder.info["index"]["factory"],
-                "model": folder.model, "queries_served": batcher.served, "batches": batcher.batches,
-                "text_cache_hit_rate": round(encoder.cache_hits / lookups, 4) if lookups else None}
+        body = {"status": "ok" if healthy else "unhealthy", "count": folder.info["count"],
+                "index": folder.info["index"]["factory"], "model": folder.model,
+                "queries_served": batcher.served, "batches": batcher.batches,
+                "queue_depth": batcher.queue_depth, "max_queue": batcher.max_queue,
+                "worker_restarts": batcher.restarts, "skipped_cancelled": batcher.skipped_cancelled,
+                "clients_gone": counts["clients_gone"], "timeouts": counts["timeouts"],
+                "text_cache_hit_rate": round(encoder.cache_hits / lookups, 4) if lookups else None,
+                "text_cache_bytes": encoder.cache_bytes_used if encoder else None}
+        if not healthy:
+            body["error"] = why
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/", response_class=HTMLResponse)
-    def page():
+    async def page():
         return PAGE
 
     return app
 
 
-def _media_type(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

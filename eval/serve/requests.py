@@ -1,46 +1,96 @@
-"""Reading and validating `POST /search` bodies: every client mistake becomes a 4xx with a message.
+"""Reading and validating `POST /search` requests: every client mistake becomes a 4xx with a message.
 
-The size limit is enforced while reading (a client may lie about or omit Content-Length), so an
-oversized body is refused after at most `limit` bytes, never buffered whole.
+The body must be declared JSON (415 otherwise: a web page can post text/plain or a form to a
+localhost service without a CORS preflight, but not application/json). Its size limit is enforced
+while reading (a client may lie about or omit Content-Length), so an oversized body is refused
+after at most `limit` bytes (413), never buffered whole (the connection stays open so that the
+client reads the answer: closing on unread data resets it); a body not received within `timeout`
+seconds is refused with 408 and the connection closed, so a slow client holds nothing but its
+socket for a bounded time; and all bodies held at once share one byte budget (503 when spent).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmssl.errors import UserError
 
+CLOSE = {"Connection": "close"}
+RETRY = {"Retry-After": "1"}
+
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 @dataclass
 class SearchQuery:
     kind: str          # "text" | "image"
-    value: object      # the text, or the image field as sent (see `decode_image_field`)
+    value: object      # the text, or the image field as sent (see `prepare_image_field`)
     k: int
 
 
-async def read_limited_body(request, limit: int) -> bytes:
+@dataclass
+class BodyBudget:
+    """Bytes of request bodies held at once, across requests (all in the event loop: no lock)."""
+
+    limit: int
+    used: int = 0
+
+
+@dataclass
+class Reservation:
+    """One request's share of a BodyBudget; `release` gives it back."""
+
+    budget: BodyBudget
+    held: int = field(default=0)
+
+    def add(self, size: int) -> None:
+        if self.budget.used + size > self.budget.limit:
+            raise BadRequest(503, "the service is receiving too much data at once; retry shortly", RETRY)
+        self.budget.used += size
+        self.held += size
+
+    def release(self) -> None:
+        self.budget.used -= self.held
+        self.held = 0
+
+
+def require_json_content_type(request) -> None:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise BadRequest(415, "Content-Type must be application/json")
+
+
+async def read_limited_body(request, limit: int, timeout: float | None = None,
+                            reservation: Reservation | None = None) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"request body over {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"request body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(413, f"request body over {limit} bytes")
+                if reservation is not None:
+                    reservation.add(len(chunk))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(408, f"request body not received within {timeout:g} s", CLOSE) from None
     return b"".join(chunks)
 
 
-def parse_search_request(body: bytes, max_k: int, has_model: bool) -> SearchQuery:
+def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_chars: int | None = None) -> SearchQuery:
     """A validated query. Cheap enough for the event loop; images are decoded separately."""
+    from eval.index.query import MAX_TEXT_CHARS, check_text_query
+
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -49,7 +99,7 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool) -> SearchQuer
         raise BadRequest(400, 'body must be a JSON object like {"text": "a red circle", "k": 10}')
     unknown = sorted(set(payload) - {"text", "image", "k"})
     if unknown:
-        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)} (expected text or image, and k)")
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)[:200]} (expected text or image, and k)")
     k = payload.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
         raise BadRequest(400, f"k must be an integer in 1..{max_k}")
@@ -61,15 +111,20 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool) -> SearchQuer
     if text is not None:
         if not isinstance(text, str) or not text.strip():
             raise BadRequest(400, "text must be a non-empty string")
+        try:
+            check_text_query(text, max_text_chars or MAX_TEXT_CHARS)
+        except UserError as err:
+            raise BadRequest(400, str(err)) from None
         return SearchQuery("text", text.strip(), k)
     if not isinstance(image, str) or not image:
         raise BadRequest(400, "image must be a non-empty base64 string")
     return SearchQuery("image", image, k)
 
 
-def decode_image_field(image: str) -> object:
-    """base64 (or a data: URL) -> PIL image; slow for big images, so callers run it in a thread."""
-    from eval.index.query import decode_image
+def prepare_image_field(image: str, encoder, limits) -> object:
+    """base64 (or a data: URL) -> the model's input tensor, through the image admission checks
+    (400 / 413 when refused); slow for big images, so callers run it in a thread."""
+    from eval.index.image_guard import ImageRefused
 
     if image.startswith("data:") and "," in image:  # a data: URL straight from a browser
         image = image.split(",", 1)[1]
@@ -78,6 +133,6 @@ def decode_image_field(image: str) -> object:
     except (binascii.Error, ValueError):
         raise BadRequest(400, "image is not valid base64") from None
     try:
-        return decode_image(data)
-    except UserError:
-        raise BadRequest(400, "image is not a readable image (JPEG, PNG, WebP, ...)") from None
+        return encoder.prepare_image(data, limits)
+    except ImageRefused as err:
+        raise BadRequest(err.status, f"image refused: {err}") from None

@@ -1,0 +1,29 @@
+"""Every limit and switch of the search service in one place, with its default.
+
+`mmssl serve` fills these from its flags (see `eval.serve.register`); tests build them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from eval.index.image_guard import ImageLimits
+from eval.index.query import MAX_TEXT_CHARS
+
+MAX_BODY_BYTES = 10 * 2**20
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    bind_host: str = "127.0.0.1"          # the Host header must name it (see `eval.serve.hosts`)
+    allowed_hosts: tuple = ()             # more names the Host header may carry (--allowed-host)
+    cors_origins: tuple = ()              # CORS stays off unless origins are given (--cors-origin)
+    max_batch: int = 32                   # queries embedded in one forward pass
+    max_queue: int = 256                  # queries waiting for the worker; beyond: 503 + Retry-After
+    request_timeout: float = 30.0         # seconds from a complete body to the answer; beyond: 504
+    body_timeout: float = 10.0            # seconds to receive a body; beyond: 408 and the connection closes
+    max_body_bytes: int = MAX_BODY_BYTES  # one body; beyond: 413
+    max_body_bytes_in_flight: int = 4 * MAX_BODY_BYTES   # all bodies being read or parsed; beyond: 503
+    max_text_chars: int = MAX_TEXT_CHARS  # beyond: 400
+    image_limits: ImageLimits = field(default_factory=ImageLimits)   # beyond: 413
+    image_decoders: int = 2               # query images decoded at once (each may take ~50 MB)
+    restart_delay: float = 0.5            # seconds before a dead query worker is restarted
