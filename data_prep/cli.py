@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_prep.samples import RESIZE_MODES
+from data_prep.samples import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 
 
 def _positive_int(text: str) -> int:
@@ -40,6 +40,9 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
                         help="border: keep ratio, pad to a square (img2dataset default); center_crop: "
                              "fill the square and crop; keep_ratio: shorter side = size; no: keep as is")
     parser.add_argument("--quality", type=_quality, default=95, help="JPEG quality of the shard images")
+    parser.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="an image, or its resized version, with more pixels is a failure, never decoded "
+                             "(default: PIL's decompression-bomb limit, %(default)s)")
 
 
 def _output_kwargs(args) -> dict:
@@ -48,7 +51,8 @@ def _output_kwargs(args) -> dict:
 
 
 def _image_kwargs(args) -> dict:
-    return dict(image_size=args.image_size, resize_mode=args.resize_mode, quality=args.quality)
+    return dict(image_size=args.image_size, resize_mode=args.resize_mode, quality=args.quality,
+                max_image_pixels=args.max_image_pixels)
 
 
 def _print_summary(kind: str, manifest: dict, out) -> None:

@@ -3,6 +3,9 @@
 An image is one sample; its json keeps every caption, in annotation order, as `captions`, and its
 txt holds the first. Training samples one caption of `captions` per step (so all of them are
 used over time); retrieval evaluation scores against all of them, CLIP_benchmark-style.
+The image record's other fields go into the json too; those the pipeline writes itself
+(`captions`, `width`, `height`, ...) are kept as `source_<name>` (`source_width` is the
+annotation file's width, `width` the shard image's).
 """
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import json
 from pathlib import Path
 
 from data_prep.images import encode_image, read_image_file
+from data_prep.input_hash import file_sha256
 from data_prep.pipeline import write_dataset
-from data_prep.samples import Sample, SampleFailure, check_image_options, clean_caption
+from data_prep.samples import (DEFAULT_MAX_IMAGE_PIXELS, Sample, SampleFailure, check_image_options, clean_caption,
+                               sample_meta)
 
 
 class CocoImageProcessor:
@@ -34,8 +39,8 @@ class CocoImageProcessor:
         if not captions:
             raise SampleFailure("no non-empty caption" if row["captions"] else "no caption annotations")
         jpg, image_meta = encode_image(read_image_file(self.images_dir / file_name), **self.image_options)
-        # width/height describe the shard image; the annotation file's values are the original's
-        return Sample(jpg, captions[0], {**row, "captions": captions, **image_meta})
+        fields = {name: value for name, value in row.items() if name != "captions"}  # the gathered annotations
+        return Sample(jpg, captions[0], sample_meta(fields, {"captions": captions, **image_meta}))
 
 
 def read_coco(captions_path: Path) -> tuple[list[dict], int]:
@@ -51,18 +56,24 @@ def read_coco(captions_path: Path) -> tuple[list[dict], int]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise UserError(f"{captions_path} is not COCO captions: it needs 'images' and 'annotations' lists")
-    rows = [dict(image) if isinstance(image, dict) else {"record": image} for image in data["images"]]
-    for row in rows:
-        row["captions"] = []
-    by_id = {row["id"]: row for row in rows if "id" in row}
+    # an image record's own `captions` field is kept as source_captions; `captions` gathers annotations
+    rows = [sample_meta(image if isinstance(image, dict) else {"record": image}, {"captions": []})
+            for image in data["images"]]
+    by_id = {row["id"]: row for row in rows if _is_id(row.get("id"))}
     orphans = 0
     for annotation in data["annotations"]:
-        row = by_id.get(annotation.get("image_id")) if isinstance(annotation, dict) else None
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        row = by_id.get(image_id) if _is_id(image_id) else None
         if row is None:
             orphans += 1
         else:
             row["captions"].append(annotation.get("caption"))
     return rows, orphans
+
+
+def _is_id(value) -> bool:
+    """COCO ids are numbers or strings; anything else (a list, an object) matches nothing."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def prepare(
@@ -73,6 +84,7 @@ def prepare(
     image_size: int = 256,
     resize_mode: str = "border",
     quality: int = 95,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     shard_size: int = 1000,
     workers: int = 1,
     resume: bool = False,
@@ -82,16 +94,18 @@ def prepare(
     """Shard a COCO-captions dataset into `out_dir`; returns the manifest."""
     from mmssl.errors import UserError
 
-    check_image_options(image_size, resize_mode, quality)
+    check_image_options(image_size, resize_mode, quality, max_image_pixels)
     captions_path, images_dir = Path(captions_path).resolve(), Path(images_dir).resolve()
     if not images_dir.is_dir():
         raise UserError(f"--images {images_dir} is not a folder")
     rows, orphans = read_coco(captions_path)
-    image_options = {"image_size": image_size, "resize_mode": resize_mode, "quality": quality}
+    input_sha256 = file_sha256(captions_path)
+    image_options = {"image_size": image_size, "resize_mode": resize_mode, "quality": quality,
+                     "max_image_pixels": max_image_pixels}
     source = {"kind": "coco", "captions": str(captions_path), "images": str(images_dir), **image_options}
     return write_dataset(
         out_dir, rows, CocoImageProcessor(images_dir=images_dir, image_options=image_options),
         source=source, image_size=None if resize_mode == "no" else image_size, shard_size=shard_size,
-        workers=workers, resume=resume, overwrite=overwrite, desc="prep coco", quiet=quiet,
+        workers=workers, resume=resume, overwrite=overwrite, input_sha256=input_sha256, desc="prep coco", quiet=quiet,
         extra={"num_caption_annotations": sum(len(r["captions"]) for r in rows), "unmatched_annotations": orphans},
     )

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_prep.images import encode_image, read_image_file
+from data_prep.input_files import FileTooLarge, read_regular_file
+from data_prep.input_hash import file_sha256, listing_sha256
 from data_prep.pipeline import write_dataset
-from data_prep.samples import Sample, SampleFailure, check_image_options, clean_caption
+from data_prep.samples import (DEFAULT_MAX_IMAGE_PIXELS, MAX_CAPTION_BYTES, Sample, SampleFailure, caption_too_long,
+                               check_image_options, clean_caption, sample_meta)
 from data_prep.shards import write_lines
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -40,12 +43,21 @@ class FolderImageProcessor:
                 raise SampleFailure("image is not inside a class sub-folder")
             caption = row["classname"]
         else:
-            caption_path = (self.root / row["image"]).with_suffix(".txt")
-            if not caption_path.is_file():
-                raise SampleFailure(f"missing caption file {caption_path.name}")
-            caption = clean_caption(caption_path.read_bytes())
+            caption = clean_caption(_read_caption_file((self.root / row["image"]).with_suffix(".txt")))
         jpg, image_meta = encode_image(read_image_file(self.root / row["image"]), **self.image_options)
-        return Sample(jpg, caption, {**row, **image_meta})
+        return Sample(jpg, caption, sample_meta(row, image_meta))
+
+
+def _read_caption_file(path: Path) -> bytes:
+    """The sidecar caption's bytes (at most MAX_CAPTION_BYTES), or SampleFailure with the reason."""
+    try:
+        return read_regular_file(path, max_bytes=MAX_CAPTION_BYTES)
+    except FileNotFoundError:
+        raise SampleFailure(f"missing caption file {path.name}") from None
+    except FileTooLarge:
+        raise caption_too_long() from None
+    except OSError as err:
+        raise SampleFailure(f"unreadable caption file {path.name}: {err.strerror or err}") from None
 
 
 def find_images(root: Path) -> list[str]:
@@ -92,6 +104,17 @@ def _read_templates(templates_file) -> list[str]:
     return templates
 
 
+def _folder_sha256(root: Path, images: list[str], layout: str, classnames_file) -> str:
+    """The folder's input hash (data_prep.input_hash): its images, their caption files, and the
+    --classnames file's bytes, which name the labels."""
+    files = list(images)
+    if layout == "captions":
+        files += [caption for caption in (str(Path(image).with_suffix(".txt")) for image in images)
+                  if (root / caption).exists()]
+    extra = {"classnames_sha256": file_sha256(classnames_file)} if classnames_file is not None else None
+    return listing_sha256(root, files, extra)
+
+
 def prepare(
     input_dir,
     out_dir,
@@ -102,6 +125,7 @@ def prepare(
     image_size: int = 256,
     resize_mode: str = "border",
     quality: int = 95,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     shard_size: int = 1000,
     workers: int = 1,
     resume: bool = False,
@@ -111,7 +135,7 @@ def prepare(
     """Shard the image folder `input_dir` into `out_dir`; returns the manifest."""
     from mmssl.errors import UserError
 
-    check_image_options(image_size, resize_mode, quality)
+    check_image_options(image_size, resize_mode, quality, max_image_pixels)
     if layout not in ("auto", "captions", "classes"):
         raise UserError(f"unknown --layout {layout!r}: choose auto, captions or classes")
     root = Path(input_dir).resolve()
@@ -136,12 +160,14 @@ def prepare(
         extra["num_classes"] = len(names)
     else:
         rows = [{"image": image} for image in images]
-    image_options = {"image_size": image_size, "resize_mode": resize_mode, "quality": quality}
+    image_options = {"image_size": image_size, "resize_mode": resize_mode, "quality": quality,
+                     "max_image_pixels": max_image_pixels}
     source = {"kind": "folder", "input": str(root), "layout": layout, **image_options}
     manifest = write_dataset(
         out_dir, rows, FolderImageProcessor(root=root, layout=layout, image_options=image_options),
         source=source, image_size=None if resize_mode == "no" else image_size, shard_size=shard_size,
-        workers=workers, resume=resume, overwrite=overwrite, extra=extra, desc="prep folder", quiet=quiet,
+        workers=workers, resume=resume, overwrite=overwrite, extra=extra,
+        input_sha256=_folder_sha256(root, images, layout, classnames_file), desc="prep folder", quiet=quiet,
     )
     if names is not None:
         write_lines(Path(out_dir) / "classnames.txt", names)

@@ -5,6 +5,12 @@ i // shard_size under key `{shard:05d}{i % shard_size:04d}`, and a sample depend
 So any worker count, and any interrupted-then-resumed run, writes the same bytes as one
 uninterrupted single-process run. Workers process small chunks of rows (good balance even with few
 shards); the parent receives results in order and writes each shard as soon as it is complete.
+
+Every row is accounted for: whatever one row raises (a SampleFailure with its reason, or any
+other exception from opening, decoding, resizing or encoding it) makes it a failures.jsonl entry,
+so `written + failed == rows in`. Only errors of the output itself stop the run (UserError from
+data_prep.shards). `--resume` continues only shards written with the same options and the same
+input content (`input_sha256`), so a changed table never mixes into finished shards.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from pathlib import Path
 from mmssl.errors import UserError
 
 from data_prep import shards
-from data_prep.samples import SampleFailure
+from data_prep.samples import SampleFailure, unexpected_failure
 
 CHUNK_ROWS = 64  # rows per worker task: small enough to balance 2 workers over one shard
 
@@ -38,13 +44,16 @@ def write_dataset(
     resume: bool = False,
     overwrite: bool = False,
     extra: dict | None = None,
+    input_sha256: str | None = None,
     desc: str = "prep",
     quiet: bool = False,
 ) -> dict:
     """Write `rows` through `process(index, row) -> Sample` (or SampleFailure) into shards.
 
-    Returns the manifest dict. Raises UserError for empty input, bad sizes, or a `--resume` whose
-    options differ from those of the shards already finished.
+    `input_sha256` is the content hash of the input (see data_prep.input_hash; None where the
+    rows are fully described by `source`, as for the synthetic world). Returns the manifest dict.
+    Raises UserError for empty input, bad sizes, an output that cannot be written, or a `--resume`
+    whose options or input differ from those of the shards already finished.
     """
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
@@ -56,14 +65,16 @@ def write_dataset(
     shards.prepare_output_dir(out_dir, resume=resume, overwrite=overwrite)
     # stored in every shard's stats and compared on --resume; the JSON round trip makes it comparable
     options = json.loads(json.dumps(
-        {"source": source, "image_size": image_size, "shard_size": shard_size, "num_rows": len(rows)}, default=str
+        {"source": source, "image_size": image_size, "shard_size": shard_size, "num_rows": len(rows),
+         "input_sha256": input_sha256}, default=str
     ))
     num_shards = math.ceil(len(rows) / shard_size)
     pending = [s for s in range(num_shards) if not _finished_with(out_dir, s, options)]
     _write_pending(out_dir, rows, process, pending, shard_size, workers, options, desc, quiet)
     all_stats = [shards.read_stats(out_dir, s) for s in range(num_shards)]
     manifest = shards.write_manifest(
-        out_dir, all_stats, source=source, image_size=image_size, shard_size=shard_size, extra=extra
+        out_dir, all_stats, source=source, image_size=image_size, shard_size=shard_size,
+        extra={"input_sha256": input_sha256, **(extra or {})},
     )
     assert manifest["num_samples"] + manifest["num_failures"] == len(rows), "a row was lost"
     return manifest
@@ -78,14 +89,29 @@ def summary_line(desc: str, manifest: dict, out_dir) -> str:
 
 
 def _finished_with(out_dir: Path, shard: int, options: dict) -> bool:
+    """Whether `shard` is done and written with `options`; UserError when done with others.
+
+    A stats file that cannot be read back is no evidence of a finished shard: it is redone.
+    Stats from before input hashes were recorded count as `input_sha256: null`.
+    """
     if not shards.is_finished(out_dir, shard):
         return False
-    if shards.read_stats(out_dir, shard).get("options") != options:
+    try:
+        written = {"input_sha256": None, **shards.read_stats(out_dir, shard)["options"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if written == options:
+        return True
+    name = shards.shard_name(shard)
+    if {**written, "input_sha256": None} == {**options, "input_sha256": None}:
         raise UserError(
-            f"cannot resume {out_dir}: shard {shards.shard_name(shard)} was written with different "
-            "inputs or options; use --overwrite to start again"
+            f"cannot resume {out_dir}: the input changed since shard {name} was written "
+            "(its content hash differs); use --overwrite to start again"
         )
-    return True
+    raise UserError(
+        f"cannot resume {out_dir}: shard {name} was written with different inputs or options; "
+        "use --overwrite to start again"
+    )
 
 
 def _chunks(rows: list, pending: list, shard_size: int):
@@ -102,17 +128,21 @@ def _install(process, shard_size: int) -> None:
 
 
 def _run_chunk(task):
-    """Each row as its finished tar members (the parent only appends bytes), or its SampleFailure."""
+    """Each row as its finished tar members (the parent only appends bytes), or its SampleFailure.
+
+    Any exception of one row is that row's failure, never the run's (see unexpected_failure).
+    """
     start, chunk = task
     results = []
     for index, row in enumerate(chunk, start):
+        shard, position = divmod(index, _worker_shard_size)
         try:
             sample = _worker_process(index, row)
+            results.append(shards.sample_members(shards.sample_key(shard, position, _worker_shard_size), sample))
         except SampleFailure as failure:
             results.append(failure)
-            continue
-        shard, position = divmod(index, _worker_shard_size)
-        results.append(shards.sample_members(shards.sample_key(shard, position, _worker_shard_size), sample))
+        except Exception as err:  # noqa: BLE001 - a bug or a library's surprise on one row loses only that row
+            results.append(unexpected_failure(err))
     return start, results
 
 
