@@ -90,7 +90,7 @@ def save_checkpoint(output: str | Path, step: int, state: dict, keep: int = 0) -
         _point_latest(path)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        reason = getattr(err, "strerror", None) or _first_line(err)
+        reason = _os_reason(err) or _first_line(err)
         raise UserError(f"cannot save checkpoint {path}: {reason}; nothing earlier was changed") from None
     if keep:
         for old in step_files(output)[keep:]:
@@ -207,6 +207,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise UserError(f"{path} is not an mmssl training checkpoint (missing {', '.join(sorted(missing))})")
     return state
+
+
+def _os_reason(err: BaseException) -> str | None:
+    """The strerror of the OSError behind `err` (torch wraps a failed write of its zip writer in a
+    RuntimeError whose context is the OSError, e.g. 'No space left on device')."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.strerror:
+            return err.strerror
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _first_line(err: Exception) -> str:
