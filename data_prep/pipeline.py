@@ -19,6 +19,9 @@ import json
 import math
 import multiprocessing
 import sys
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from mmssl.errors import UserError
@@ -163,8 +166,9 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
         _install(process, shard_size)
         results = map(_run_chunk, tasks)
     else:
-        pool = _pool_context().Pool(workers, initializer=_install, initargs=(process, shard_size))
-        results = pool.imap(_run_chunk, tasks)
+        pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_install,
+                                   initargs=(process, shard_size))
+        results = _ordered_results(pool, tasks, window=4 * workers)
     try:
         collected = []
         for start, chunk_results in results:
@@ -177,7 +181,29 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
     finally:
         progress.close()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ordered_results(pool: ProcessPoolExecutor, tasks, window: int):
+    """`_run_chunk` results in task order, with at most `window` tasks in flight (the rows of a
+    huge table are not all queued at once). A worker that dies (killed, out of memory, a crash in
+    a decoder) stops the run with one line instead of hanging it; `--resume` continues it."""
+    pending = deque()
+    tasks = iter(tasks)
+    for task in tasks:
+        pending.append(pool.submit(_run_chunk, task))
+        if len(pending) >= window:
+            break
+    while pending:
+        try:
+            result = pending.popleft().result()
+        except BrokenProcessPool:
+            raise UserError("a prep worker process died (killed, out of memory, or a crash in an image "
+                            "decoder); the shards written so far are kept: rerun with --resume") from None
+        for task in tasks:
+            pending.append(pool.submit(_run_chunk, task))
+            break
+        yield result
 
 
 def _describe(row):

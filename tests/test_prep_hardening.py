@@ -155,6 +155,33 @@ def test_unexpected_errors_are_reproducible_reasons_with_any_worker_count(tmp_pa
         (7, "RuntimeError: cannot handle <object object>")]
 
 
+class _DiesOnRow:
+    """A processor whose worker process is killed on one row (an OOM kill, a segfault in a decoder)."""
+
+    def __init__(self, row):
+        self.row = row
+
+    def __call__(self, index, row):
+        if index == self.row:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return Sample(b"\xff\xd8 jpeg", f"row {index}", {"n": index})
+
+
+def test_a_dead_worker_stops_the_run_with_one_line_and_resume_finishes(tmp_path):
+    out = tmp_path / "out"
+    # 300 rows in shards of 64: the kill on row 250 comes after earlier shards are written
+    with pytest.raises(pipeline.UserError, match="a prep worker process died .* rerun with --resume"):
+        pipeline.write_dataset(out, list(range(300)), _DiesOnRow(250), source={"kind": "test"}, image_size=8,
+                               shard_size=64, workers=2, quiet=True)
+    assert not list(out.glob("*.tmp"))
+    pipeline.write_dataset(out, list(range(300)), _DiesOnRow(-1), source={"kind": "test"}, image_size=8,
+                           shard_size=64, workers=2, resume=True, quiet=True)
+    clean = tmp_path / "clean"
+    pipeline.write_dataset(clean, list(range(300)), _DiesOnRow(-1), source={"kind": "test"}, image_size=8,
+                           shard_size=64, workers=1, quiet=True)
+    assert _dataset_files(out) == _dataset_files(clean)
+
+
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_unreadable_and_oversized_caption_files_are_failures(tmp_path):
     root = tmp_path / "in"
