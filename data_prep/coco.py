@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from data_prep.images import encode_image, read_image_file
+from data_prep.input_files import inside_root
 from data_prep.input_hash import file_sha256
 from data_prep.pipeline import write_dataset
 from data_prep.samples import (DEFAULT_MAX_IMAGE_PIXELS, Sample, SampleFailure, check_image_options, clean_caption,
@@ -38,7 +39,7 @@ class CocoImageProcessor:
                 continue  # one blank caption among several is dropped; the image keeps the rest
         if not captions:
             raise SampleFailure("no non-empty caption" if row["captions"] else "no caption annotations")
-        jpg, image_meta = encode_image(read_image_file(self.images_dir / file_name), **self.image_options)
+        jpg, image_meta = encode_image(read_image_file(inside_root(self.images_dir, file_name, "--images")), **self.image_options)
         fields = {name: value for name, value in row.items() if name != "captions"}  # the gathered annotations
         return Sample(jpg, captions[0], sample_meta(fields, {"captions": captions, **image_meta}))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data_prep import tables
 from data_prep.images import encode_image, read_image_file
+from data_prep.input_files import inside_root
 from data_prep.input_hash import file_sha256
 from data_prep.pipeline import write_dataset
 from data_prep.samples import (DEFAULT_MAX_IMAGE_PIXELS, Sample, SampleFailure, check_image_options, clean_caption,
@@ -41,7 +42,7 @@ class TableRowProcessor:
             raise SampleFailure(f"missing image path in column {self.image_col!r}")
         if "://" in value:
             raise SampleFailure(f"remote image URLs are not supported (no network): {value}")
-        return self.image_root / os.path.expanduser(value.strip())  # an absolute value replaces the root
+        return inside_root(self.image_root, os.path.expanduser(value.strip()), "--image-root")
 
 
 def prepare(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_prep.images import encode_image, read_image_file
-from data_prep.input_files import FileTooLarge, read_regular_file
+from data_prep.input_files import FileTooLarge, inside_root, read_regular_file
 from data_prep.input_hash import file_sha256, listing_sha256
 from data_prep.pipeline import write_dataset
 from data_prep.samples import (DEFAULT_MAX_IMAGE_PIXELS, MAX_CAPTION_BYTES, Sample, SampleFailure, caption_too_long,
@@ -43,8 +43,10 @@ class FolderImageProcessor:
                 raise SampleFailure("image is not inside a class sub-folder")
             caption = row["classname"]
         else:
-            caption = clean_caption(_read_caption_file((self.root / row["image"]).with_suffix(".txt")))
-        jpg, image_meta = encode_image(read_image_file(self.root / row["image"]), **self.image_options)
+            caption_file = inside_root(self.root, str(Path(row["image"]).with_suffix(".txt")), "--input")
+            caption = clean_caption(_read_caption_file(caption_file))
+        jpg, image_meta = encode_image(read_image_file(inside_root(self.root, row["image"], "--input")),
+                                       **self.image_options)
         return Sample(jpg, caption, sample_meta(row, image_meta))
 
 

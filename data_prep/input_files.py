@@ -2,13 +2,18 @@
 
 Rows name paths that come from anyone. A FIFO would block `open()` forever and a device such as
 /dev/zero never ends, so the file is opened without blocking and anything that is not a regular
-file is refused before a byte is read; a `max_bytes` bound stops a huge file early.
+file is refused before a byte is read; a `max_bytes` bound stops a huge file early. A path a row
+names must also stay inside the folder the user gave for it (`inside_root`): a downloaded table
+cannot copy `/home/you/private.jpg` into a dataset, with `..`, an absolute path or a symlink.
 """
 from __future__ import annotations
 
 import errno
 import os
 import stat
+from pathlib import Path
+
+from data_prep.samples import SampleFailure
 
 
 class NotRegularFile(OSError):
@@ -17,6 +22,15 @@ class NotRegularFile(OSError):
 
 class FileTooLarge(OSError):
     """The file holds more than the caller's `max_bytes`."""
+
+
+def inside_root(root: Path, name: str, flag: str) -> Path:
+    """`root / name` (an absolute `name` stands alone), or SampleFailure unless it resolves,
+    symlinks followed, inside the resolved `root`; `flag` names the option that set the root."""
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise SampleFailure(f"outside {flag} {root}: {name}")
+    return path
 
 
 def read_regular_file(path, max_bytes: int | None = None) -> bytes:

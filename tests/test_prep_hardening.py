@@ -182,20 +182,19 @@ def test_a_dead_worker_stops_the_run_with_one_line_and_resume_finishes(tmp_path)
     assert _dataset_files(out) == _dataset_files(clean)
 
 
-@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_unreadable_and_oversized_caption_files_are_failures(tmp_path):
     root = tmp_path / "in"
     for name in ("a", "b", "c", "d"):
         _save(root / f"{name}.png", _noise(20, 20), fmt="PNG")
     (root / "a.txt").write_text("a fine caption")
-    # reading offset 0 of /proc/self/mem fails with EIO even as root (chmod 000 would not stop root)
-    (root / "b.txt").symlink_to("/proc/self/mem")
+    # chmod 000 would not stop root; a folder where the caption file should be fails as root too
+    (root / "b.txt").mkdir()
     (root / "c.txt").write_text("x" * (MAX_CAPTION_BYTES + 1))
     (root / "d.txt").write_text("another fine caption")
     manifest = folder.prepare(root, tmp_path / "out", image_size=16, workers=1, quiet=True)
     assert _counts(manifest) == (4, 2, 2)
     assert [(f["input"]["image"], f["reason"]) for f in _failures(tmp_path / "out")] == [
-        ("b.png", "unreadable caption file b.txt: Input/output error"),
+        ("b.png", "unreadable caption file b.txt: Is a directory"),
         ("c.png", f"caption too long: over the limit of {MAX_CAPTION_BYTES} bytes")]
 
 
@@ -208,13 +207,19 @@ def test_a_fifo_or_device_as_image_is_a_failure_not_a_hang(tmp_path):
     unblock.daemon = True
     unblock.start()
     try:
-        (tmp_path / "t.csv").write_text("image,caption\npipe.jpg,a fifo\n/dev/null,a device\nok.jpg,fine\n")
-        manifest = csv_source.prepare(tmp_path / "t.csv", tmp_path / "out", image_size=16, workers=1, quiet=True)
+        (tmp_path / "t.csv").write_text(f"image,caption\n{tmp_path}/pipe.jpg,a fifo\n/dev/null,a device\n"
+                                        f"{tmp_path}/ok.jpg,fine\n")
+        # --image-root / lets the table name any file: the device is then refused as not a regular file
+        manifest = csv_source.prepare(tmp_path / "t.csv", tmp_path / "out", image_root="/", image_size=16,
+                                      workers=1, quiet=True)
     finally:
         unblock.cancel()
     assert _counts(manifest) == (3, 1, 2)
     assert [f["reason"] for f in _failures(tmp_path / "out")] == [
         f"not a regular file: {tmp_path / 'pipe.jpg'}", "not a regular file: /dev/null"]
+    outside = csv_source.prepare(tmp_path / "t.csv", tmp_path / "out2", image_size=16, workers=1, quiet=True)
+    assert _counts(outside) == (3, 1, 2)
+    assert _failures(tmp_path / "out2")[1]["reason"] == f"outside --image-root {tmp_path}: /dev/null"
 
 
 def test_too_long_caption_in_a_table_is_a_failure(tmp_path):
@@ -389,3 +394,23 @@ def test_coco_image_fields_the_pipeline_writes_are_kept_under_source_names(tmp_p
     meta = json.loads(_members(tmp_path / "out")["000000000.json"])
     assert meta["captions"] == ["a cat"] and meta["source_captions"] == ["own field"]
     assert (meta["width"], meta["height"], meta["source_width"], meta["source_height"]) == (16, 16, 30, 24)
+
+
+def test_rows_cannot_name_files_outside_their_root(tmp_path):
+    """A downloaded table, COCO file or folder must not copy files from elsewhere into a dataset."""
+    secret = _save(tmp_path / "private" / "me.jpg", _noise(20, 20))
+    root = tmp_path / "data"
+    _save(root / "ok.jpg", _noise(20, 20, seed=1))
+    (root / "link.jpg").symlink_to(secret)
+    rows = [{"image": "ok.jpg", "caption": "fine"}, {"image": "../private/me.jpg", "caption": "dot-dot"},
+            {"image": str(secret), "caption": "absolute"}, {"image": "link.jpg", "caption": "symlink"}]
+    (root / "t.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = csv_source.prepare(root / "t.jsonl", tmp_path / "out", image_size=16, quiet=True)
+    assert _counts(manifest) == (4, 1, 3)
+    assert [f["reason"].split(":")[0] for f in _failures(tmp_path / "out")] == [f"outside --image-root {root}"] * 3
+
+    (root / "link.txt").write_text("a caption")
+    (root / "ok.txt").write_text("another caption")
+    manifest = folder.prepare(root, tmp_path / "folder_out", image_size=16, quiet=True)
+    assert _counts(manifest) == (2, 1, 1)
+    assert _failures(tmp_path / "folder_out")[0]["reason"] == f"outside --input {root}: link.jpg"
