@@ -29,6 +29,7 @@ from eval.serve.requests import (RETRY, BadRequest, BodyBudget, Reservation, par
                                  prepare_image_field, read_limited_body, require_json_content_type)
 
 MAX_K = 1000
+WATCH_DISCONNECT_AFTER = 0.05   # seconds a query waits before its connection is watched
 
 
 class ClientGone(Exception):
@@ -95,33 +96,56 @@ def create_app(searcher, options: ServeOptions | None = None):
         urls = metadata.columns.get("url")
         return urls[i] if urls is not None else None
 
-    async def answer(query, reservation: Reservation):
-        value = query.value
-        if query.kind == "image":
-            value = await anyio.to_thread.run_sync(prepare_image_field, value, searcher.encoder,
-                                                   options.image_limits, limiter=decoders["limiter"])
-            reservation.release()      # only the small input tensor is left
-        return await asyncio.wrap_future(batcher.submit(query.kind, value, query.k))
-
-    async def within_deadline(request: Request, work):
-        """The result of `work`, unless the client goes away (its query is then dropped) or the
-        request timeout passes first (504)."""
-        task = asyncio.ensure_future(work)
-        gone = asyncio.ensure_future(_disconnected(request))
+    async def prepared_value(query, reservation: Reservation, deadline: float):
+        """The text, or the image's input tensor (decoded in a bounded pool of threads)."""
+        if query.kind != "image":
+            return query.value
         try:
-            done, _ = await asyncio.wait({task, gone}, timeout=options.request_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not task.done():
-                task.cancel()     # cancels the queued future too: the worker then skips it
-        if task in done:
-            return task.result()
-        if gone in done:
-            counts["clients_gone"] += 1
-            raise ClientGone()
+            async with asyncio.timeout_at(deadline):
+                value = await anyio.to_thread.run_sync(prepare_image_field, query.value, searcher.encoder,
+                                                       options.image_limits, limiter=decoders["limiter"])
+        except TimeoutError:
+            raise timed_out() from None
+        reservation.release()      # only the small input tensor is left
+        return value
+
+    def timed_out() -> BadRequest:
         counts["timeouts"] += 1
-        raise BadRequest(504, f"no answer within {options.request_timeout:g} s (--request-timeout)")
+        return BadRequest(504, f"no answer within {options.request_timeout:g} s (--request-timeout)")
+
+    async def answer_by(request: Request, future, deadline: float):
+        """The worker's answer, unless the deadline passes first (504) or the client goes away (its
+        query is then dropped before the worker reaches it). Most answers come within
+        WATCH_DISCONNECT_AFTER; only then is a task started to watch the connection, so that the
+        common path costs no more than awaiting the answer."""
+        answer = asyncio.wrap_future(future)
+        watcher, client_gone = None, False
+
+        async def watch() -> None:
+            nonlocal client_gone
+            await _disconnected(request)
+            client_gone = True
+            answer.cancel()            # cancels the queued future too: the worker skips it
+
+        def start_watching() -> None:
+            nonlocal watcher
+            watcher = asyncio.ensure_future(watch())
+
+        timer = asyncio.get_running_loop().call_later(WATCH_DISCONNECT_AFTER, start_watching)
+        try:
+            async with asyncio.timeout_at(deadline):   # on expiry the answer is cancelled with the wait
+                return await answer
+        except TimeoutError:
+            raise timed_out() from None
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            counts["clients_gone"] += 1
+            raise ClientGone() from None
+        finally:
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     @app.post("/search")
     async def search(request: Request):
@@ -132,7 +156,9 @@ def create_app(searcher, options: ServeOptions | None = None):
             body = await read_limited_body(request, options.max_body_bytes, options.body_timeout, reservation)
             query = parse_search_request(body, MAX_K, searcher.encoder is not None, options.max_text_chars)
             del body
-            hits = await within_deadline(request, answer(query, reservation))
+            deadline = asyncio.get_running_loop().time() + options.request_timeout
+            value = await prepared_value(query, reservation, deadline)
+            hits = await answer_by(request, batcher.submit(query.kind, value, query.k), deadline)
         finally:
             reservation.release()
         results = [{"rank": hit.rank, "key": hit.key, "caption": hit.caption, "score": round(hit.score, 6),

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from eval.index.image_guard import ImageLimits
@@ -25,5 +26,7 @@ class ServeOptions:
     max_body_bytes_in_flight: int = 4 * MAX_BODY_BYTES   # all bodies being read or parsed; beyond: 503
     max_text_chars: int = MAX_TEXT_CHARS  # beyond: 400
     image_limits: ImageLimits = field(default_factory=ImageLimits)   # beyond: 413
-    image_decoders: int = 2               # query images decoded at once (each may take ~50 MB)
+    # query images decoded at once (each may take ~50 MB): half the cores, so that decoding leaves
+    # the event loop and the query worker CPU to answer with
+    image_decoders: int = max(1, min(4, (os.cpu_count() or 2) // 2))
     restart_delay: float = 0.5            # seconds before a dead query worker is restarted

@@ -91,6 +91,12 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_char
     """A validated query. Cheap enough for the event loop; images are decoded separately."""
     from eval.index.query import MAX_TEXT_CHARS, check_text_query
 
+    max_text_chars = max_text_chars or MAX_TEXT_CHARS
+    if len(body) > text_body_bytes(max_text_chars) and b'"image"' not in body:
+        # a text query this large cannot hold an admissible text: refuse it without parsing
+        # megabytes of JSON in the event loop
+        raise BadRequest(400, f"a {len(body)}-byte body holds no image, and a text query's text is limited "
+                              f"to {max_text_chars} characters (--max-text-chars)")
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -112,13 +118,19 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_char
         if not isinstance(text, str) or not text.strip():
             raise BadRequest(400, "text must be a non-empty string")
         try:
-            check_text_query(text, max_text_chars or MAX_TEXT_CHARS)
+            check_text_query(text, max_text_chars)
         except UserError as err:
             raise BadRequest(400, str(err)) from None
         return SearchQuery("text", text.strip(), k)
     if not isinstance(image, str) or not image:
         raise BadRequest(400, "image must be a non-empty base64 string")
     return SearchQuery("image", image, k)
+
+
+def text_body_bytes(max_text_chars: int) -> int:
+    """The largest body a text query can need: every character JSON-escaped as \\uXXXX (twice
+    for characters outside the BMP, which count as one), plus room for the other fields."""
+    return 12 * max_text_chars + 1024
 
 
 def prepare_image_field(image: str, encoder, limits) -> object:
