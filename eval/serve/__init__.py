@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch / faiss threads for queries (default: the machine's cores, at most 4)")
+                        help="torch / faiss threads for queries (default: the machine's cores less one, 1 to 4)")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most queries embedded in one pass")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help=f"queries waiting for the worker before new ones get 503 (default {defaults.max_queue})")
@@ -135,6 +135,8 @@ def configure_threads(threads: int) -> None:
     import faiss
     import torch
 
-    threads = threads or min(4, os.cpu_count() or 1)
+    # one core is left to the event loop, body reads and image decoding: OpenMP threads that must
+    # share cores with them stall at every barrier, most of all while the service is under attack
+    threads = threads or max(1, min(4, (os.cpu_count() or 1) - 1))
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
