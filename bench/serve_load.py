@@ -65,15 +65,19 @@ def write_collection(work: Path, items: int, dim: int) -> tuple[Path, Path]:
     return work / "emb.npy", work / "meta.parquet"
 
 
-def start_server(index_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "mmssl", "serve", "--index", str(index_dir), "--port", "0"]
+def start_server(index_dir: Path, threads: int, extra_args=(), log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`mmssl serve` on a free loopback port: (process, base URL). `log` takes its stderr (a pipe
+    nobody reads would stall a server that logs a lot)."""
+    command = [sys.executable, "-m", "mmssl", "serve", "--index", str(index_dir), "--port", "0", *extra_args]
     if threads:
         command += ["--threads", str(threads)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = open(log, "w") if log else subprocess.PIPE
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = server.stdout.readline()
     if "http://" not in line:
         server.kill()
-        raise RuntimeError(f"server did not start: {line}{server.stderr.read()}")
+        details = server.stderr.read() if server.stderr else Path(log).read_text()
+        raise RuntimeError(f"server did not start: {line}{details}")
     return server, line.strip().rsplit(" ", 1)[1]
 
 
