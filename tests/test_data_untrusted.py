@@ -175,3 +175,36 @@ def test_samples_lost_to_truncation_are_counted(tmp_path):
     for _ in range(train.batches_per_epoch):  # one epoch: the truncated shard is read at least once
         next(batches)
     assert train.corrupt_count >= 5 and train.corrupt_count % 5 == 0
+
+
+def _png_declaring(width, height):
+    """A PNG of a few bytes whose header declares width x height pixels."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_image_bombs_and_slivers_inside_shards_are_corrupt_samples_not_allocations(tmp_path):
+    """A shard's image is checked from its header before decoding: a 30000x30000 declaration and a
+    3000x1 sliver (whose shortest-side resize would be 192000x64) are skipped and counted."""
+    import webdataset as wds
+    from PIL import Image
+    from torchvision import transforms as T
+
+    sliver = io.BytesIO()
+    Image.new("RGB", (3000, 1), (200, 10, 10)).save(sliver, format="PNG")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        sink.write({"__key__": "bomb", "png": _png_declaring(30000, 30000), "txt": b"a bomb"})
+        sink.write({"__key__": "sliver", "png": sliver.getvalue(), "txt": b"a sliver"})
+        good = io.BytesIO()
+        Image.new("RGB", (80, 60), (0, 200, 0)).save(good, format="JPEG")
+        sink.write({"__key__": "good", "jpg": good.getvalue(), "txt": b"a green box"})
+    transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor()])
+    loader = build_eval_loader(folder, transform=transform, batch_size=4, num_workers=0)
+    keys = [key for batch in loader for key in batch.keys]
+    assert keys == ["good"] and loader.corrupt_count == 2  # refused before decoding (see image_guard)

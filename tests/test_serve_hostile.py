@@ -155,7 +155,7 @@ def test_thin_images_and_pixel_bombs_are_refused_before_any_decoding_with_bounde
     script = r"""
 import io, json, resource
 from PIL import Image
-from eval.index.image_guard import ImageLimits, ImageRefused, admit_image
+from mmssl.data.image_guard import ImageLimits, ImageRefused, admit_image
 
 def png(w, h, mode="RGB"):
     buffer = io.BytesIO(); Image.new(mode, (w, h)).save(buffer, "PNG"); return buffer.getvalue()
@@ -192,7 +192,7 @@ print(json.dumps(out))
 
 
 def test_each_limit_is_named_and_configurable():
-    from eval.index.image_guard import ImageLimits, ImageRefused, admit_image
+    from mmssl.data.image_guard import ImageLimits, ImageRefused, admit_image
 
     assert admit_image(_png(200, 50), ImageLimits()).size == (200, 50)
     with pytest.raises(ImageRefused) as side:
@@ -218,7 +218,7 @@ def test_each_limit_is_named_and_configurable():
     ("empty", b""),
 ])
 def test_only_jpeg_png_webp_and_gif_are_admitted(name, data):
-    from eval.index.image_guard import ImageLimits, ImageRefused, admit_image
+    from mmssl.data.image_guard import ImageLimits, ImageRefused, admit_image
 
     with pytest.raises(ImageRefused) as refused:
         admit_image(data, ImageLimits())
@@ -227,7 +227,7 @@ def test_only_jpeg_png_webp_and_gif_are_admitted(name, data):
 
 
 def test_truncated_images_are_400():
-    from eval.index.image_guard import ImageLimits, ImageRefused, admit_image
+    from mmssl.data.image_guard import ImageLimits, ImageRefused, admit_image
 
     for fmt in ("JPEG", "PNG"):
         whole = _encoded(fmt, (128, 128))
@@ -238,7 +238,7 @@ def test_truncated_images_are_400():
 
 
 def test_webp_and_the_first_frame_of_a_gif_are_admitted():
-    from eval.index.image_guard import ImageLimits, admit_image
+    from mmssl.data.image_guard import ImageLimits, admit_image
 
     assert admit_image(_encoded("WEBP", (40, 30)), ImageLimits()).size == (40, 30)
     frames = [Image.new("RGB", (20, 10), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
@@ -250,7 +250,7 @@ def test_webp_and_the_first_frame_of_a_gif_are_admitted():
 
 
 def test_a_large_jpeg_is_decoded_at_reduced_scale_for_a_small_model():
-    from eval.index.image_guard import ImageLimits, admit_image
+    from mmssl.data.image_guard import ImageLimits, admit_image
 
     jpeg = _encoded("JPEG", (2048, 1536), quality=70)
     assert admit_image(jpeg, ImageLimits(), target_size=64).size == (256, 192)     # DCT scale 1/8
@@ -276,7 +276,7 @@ def test_the_service_refuses_bad_images_and_still_answers_good_ones(client):
 
 
 def test_the_service_image_limits_follow_its_options(searcher):
-    from eval.index.image_guard import ImageLimits
+    from mmssl.data.image_guard import ImageLimits
 
     with serving(searcher, image_limits=ImageLimits(max_side=50)) as url:
         too_big = httpx.post(f"{url}/search", json={"image": _b64(_png(60, 60))})

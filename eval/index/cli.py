@@ -108,7 +108,7 @@ def _check_model_dim(model: str, dim: int) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from eval.index.image_guard import ImageRefused
+    from mmssl.data.image_guard import ImageRefused
     from eval.index.query import check_text_query
     from eval.index.search import Searcher
     from mmssl.errors import UserError, require

@@ -2,7 +2,7 @@
 
 Queries come from anyone, so their cost is bounded before the model sees them: a text longer than
 `MAX_TEXT_CHARS` is refused (CLIP's tokenizer keeps 77 tokens anyway, while tokenizing megabytes
-takes seconds), an image goes through `eval.index.image_guard` (format, sides, pixels, aspect)
+takes seconds), an image goes through `mmssl.data.image_guard` (format, sides, pixels, aspect)
 before it is decoded, and the text-embedding cache is bounded in bytes as well as in entries.
 
 Why a fixed seed: an index may be built with a randomly initialised model (`openclip:NAME`
@@ -129,8 +129,8 @@ class QueryEncoder:
 
     def prepare_image(self, data: bytes, limits=None):
         """Encoded image bytes -> the model's input tensor, through the admission checks
-        (`eval.index.image_guard.ImageRefused` when refused). Small: safe to queue."""
-        from eval.index.image_guard import ImageLimits, admit_image
+        (`mmssl.data.image_guard.ImageRefused` when refused). Small: safe to queue."""
+        from mmssl.data.image_guard import ImageLimits, admit_image
 
         return self.loaded.transform(admit_image(data, limits or ImageLimits(), self.input_size))
 

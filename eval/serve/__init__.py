@@ -9,7 +9,7 @@
 Modules: `app` (routes and error answers), `batching` (the query worker and its supervisor),
 `requests` (reading and validating a search request), `options` (every limit, with its default),
 `hosts` (Host header check against DNS rebinding), `cors` (CORS, off by default), `page` (the web
-page). Query images are admitted by `eval.index.image_guard`; stored images are served by
+page). Query images are admitted by `mmssl.data.image_guard`; stored images are served by
 `eval.index.stored_images`, only from the roots recorded at build time. docs/serve.md has the
 limits, the status codes and the trust model.
 
@@ -63,7 +63,7 @@ def register(subparsers) -> None:
 
 def serve_options(args: argparse.Namespace):
     """ServeOptions from the flags; UserError for a value out of range."""
-    from eval.index.image_guard import ImageLimits
+    from mmssl.data.image_guard import ImageLimits
     from eval.serve.options import ServeOptions
     from mmssl.errors import require
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from eval.index.image_guard import ImageLimits
+from mmssl.data.image_guard import ImageLimits
 from eval.index.query import MAX_TEXT_CHARS
 
 MAX_BODY_BYTES = 10 * 2**20

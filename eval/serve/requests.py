@@ -136,7 +136,7 @@ def text_body_bytes(max_text_chars: int) -> int:
 def prepare_image_field(image: str, encoder, limits) -> object:
     """base64 (or a data: URL) -> the model's input tensor, through the image admission checks
     (400 / 413 when refused); slow for big images, so callers run it in a thread."""
-    from eval.index.image_guard import ImageRefused
+    from mmssl.data.image_guard import ImageRefused
 
     if image.startswith("data:") and "," in image:  # a data: URL straight from a browser
         image = image.split(",", 1)[1]

@@ -2,12 +2,12 @@
 
 Raw samples stay undecoded bytes for as long as possible: shuffling and fast-forwarding (resume)
 happen on bytes, so a skipped sample costs a tar read, never a JPEG decode. Decoding is where bad
-data shows up (a truncated JPEG, a sample without caption); `SampleDecoder` raises
+data shows up (a truncated JPEG, a sample without caption, an image whose header declares a pixel
+bomb or a sliver the resize would blow up: see `mmssl.data.image_guard`); `SampleDecoder` raises
 `CorruptSample` for those and the loaders count, log and skip them instead of crashing a run.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import zlib
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Optional
 
-from PIL import Image
-
 from mmssl.data.image_batch import BatchedImageTransform
+from mmssl.data.image_guard import SHARD_LIMITS, admit_image
 from mmssl.data.tar_reader import tar_samples
 
 logger = logging.getLogger("mmssl.data")
@@ -100,12 +99,7 @@ class SampleDecoder:
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if data is None:
             raise CorruptSample("no image file")
-        image = Image.open(io.BytesIO(data))
-        if self.decode_size is not None and image.format == "JPEG":
-            image.draft("RGB", (self.decode_size, self.decode_size))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return self.images.sample(image)
+        return self.images.sample(admit_image(data, SHARD_LIMITS, self.decode_size))
 
     def caption(self, raw: dict, epoch: int) -> str:
         meta = raw.get("json")

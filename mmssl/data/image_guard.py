@@ -1,4 +1,4 @@
-"""Admitting a query image: format and size are checked from the header before any pixel is decoded.
+"""Admitting an untrusted image: format and size are checked from the header before any pixel is decoded.
 
 Why: a decoded image costs width x height x 3 bytes, and the query transform's shortest-side
 resize multiplies that for thin images (a 1000x1 PNG of 112 bytes becomes a 224000x224 image,
@@ -9,9 +9,12 @@ ratio are known, and refused, before the decoder allocates anything. Only JPEG, 
 A JPEG much larger than the model's input is decoded at a reduced DCT scale (`draft`), which
 never goes below the size the transform needs.
 
+Used for search queries (`mmssl serve`, `mmssl index search --image`: `QUERY_LIMITS`) and for
+every image read from shards by the training and evaluation loaders (`SHARD_LIMITS`, looser: a
+photo kept at full resolution is legitimate data there; a refusal makes the sample corrupt).
 Status codes for the service: 400 for what is not an admissible image (other format, garbage,
 truncated or corrupt data), 413 for an image over a limit (the message names the limit and its
-flag). `mmssl index search --image` uses the same function (a refusal is a one-line error).
+flag).
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ class ImageLimits:
             raise UserError("image limits must be >= 1 (--max-image-side, --max-image-pixels, --max-image-aspect)")
 
 
+QUERY_LIMITS = ImageLimits()
+SHARD_LIMITS = ImageLimits(max_side=16384, max_pixels=89_478_485, max_aspect=20.0)  # Pillow's bomb limit
+
+
 class ImageRefused(UserError):
     """A query image that is not admitted; `status` is the HTTP status the service answers with."""
 
@@ -44,7 +51,7 @@ class ImageRefused(UserError):
         self.status = status
 
 
-def admit_image(data: bytes, limits: ImageLimits = ImageLimits(), target_size: int | None = None):
+def admit_image(data: bytes, limits: ImageLimits = QUERY_LIMITS, target_size: int | None = None):
     """RGB PIL image of `data`, or ImageRefused. `target_size` (the model's input side) lets a big
     JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay >= target_size."""
     from PIL import Image, UnidentifiedImageError
@@ -58,15 +65,14 @@ def admit_image(data: bytes, limits: ImageLimits = ImageLimits(), target_size: i
                                 f"{limits.max_pixels / 1e6:g} Mpx limit (--max-image-pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ImageRefused(400, f"not a {FORMAT_NAMES} image") from None
-    with image:
-        check_size(*image.size, limits)
-        if target_size and image.format == "JPEG":
-            image.draft("RGB", (target_size, target_size))
-        try:
-            image.load()         # the first frame only, for a GIF
-            return image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, EOFError):
-            raise ImageRefused(400, f"the {image.format} image data is truncated or corrupt") from None
+    check_size(*image.size, limits)
+    if target_size and image.format == "JPEG":
+        image.draft("RGB", (target_size, target_size))
+    try:
+        image.load()         # the first frame only, for a GIF
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise ImageRefused(400, f"the {image.format} image data is truncated or corrupt") from None
 
 
 def check_size(width: int, height: int, limits: ImageLimits) -> None:
