@@ -17,6 +17,7 @@ from mmssl.data.tar_reader import MAX_MEMBER_BYTES, TarFormatError, tar_files
 from mmssl.data.train_loader import TrainLoader
 from mmssl.errors import UserError
 from test_data import length_tokenizer, to_tensor, write_shards
+from image_bytes import png_header
 
 
 def _pipe_manifest(folder, flag, count=4):
@@ -177,16 +178,6 @@ def test_samples_lost_to_truncation_are_counted(tmp_path):
     assert train.corrupt_count >= 5 and train.corrupt_count % 5 == 0
 
 
-def _png_declaring(width, height):
-    """A PNG of a few bytes whose header declares width x height pixels."""
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 def test_image_bombs_and_slivers_inside_shards_are_corrupt_samples_not_allocations(tmp_path):
     """A shard's image is checked from its header before decoding: a 30000x30000 declaration and a
     3000x1 sliver (whose shortest-side resize would be 192000x64) are skipped and counted."""
@@ -199,7 +190,7 @@ def test_image_bombs_and_slivers_inside_shards_are_corrupt_samples_not_allocatio
     folder = tmp_path / "d"
     folder.mkdir()
     with wds.TarWriter(str(folder / "00000.tar")) as sink:
-        sink.write({"__key__": "bomb", "png": _png_declaring(30000, 30000), "txt": b"a bomb"})
+        sink.write({"__key__": "bomb", "png": png_header(30000, 30000), "txt": b"a bomb"})
         sink.write({"__key__": "sliver", "png": sliver.getvalue(), "txt": b"a sliver"})
         good = io.BytesIO()
         Image.new("RGB", (80, 60), (0, 200, 0)).save(good, format="JPEG")

@@ -7,13 +7,10 @@ import json
 import os
 import resource
 import signal
-import struct
 import subprocess
 import sys
 import tarfile
 import threading
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from PIL import Image
 from data_prep import coco, csv_source, folder, pipeline, shards
 from data_prep.samples import Sample
 from mmssl.cli import main
+from image_bytes import png_header
 
 MAX_CAPTION_BYTES = 64 * 1024  # the documented caption limit
 
@@ -34,14 +32,6 @@ def _save(path, pixels, fmt=None):
 
 def _noise(width, height, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def _png_header(width, height):
-    """A tiny PNG whose header declares width x height (and holds no pixel data): a pixel bomb."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _failures(out):
@@ -94,8 +84,8 @@ def test_keep_ratio_sliver_is_one_failure_and_the_run_completes(tmp_path):
 
 
 def test_pixel_bombs_are_failures_not_warnings(tmp_path, recwarn):
-    (tmp_path / "bomb.png").write_bytes(_png_header(30000, 30000))     # PIL itself would raise
-    (tmp_path / "warned.png").write_bytes(_png_header(10000, 10000))   # PIL itself would only warn
+    (tmp_path / "bomb.png").write_bytes(png_header(30000, 30000))     # PIL itself would raise
+    (tmp_path / "warned.png").write_bytes(png_header(10000, 10000))   # PIL itself would only warn
     _save(tmp_path / "ok.png", _noise(20, 20), fmt="PNG")
     assert (tmp_path / "bomb.png").stat().st_size < 100
     (tmp_path / "t.csv").write_text("image,caption\nbomb.png,big\nwarned.png,less big\nok.png,fine\n")

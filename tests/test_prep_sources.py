@@ -1,9 +1,7 @@
 """`prep csv|folder|coco` on generated fixtures: exact counts, failure reasons, sample contents."""
 import io
 import json
-import struct
 import tarfile
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +12,7 @@ from PIL import Image
 
 from data_prep import coco, csv_source, folder
 from mmssl.cli import main
+from image_bytes import png_header
 
 
 def _image(path, size=(48, 32), seed=0, fmt=None):
@@ -31,15 +30,7 @@ def _broken_images(root):
     good = (root / "ok.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "empty.jpg").write_bytes(b"")
-    (root / "zero.png").write_bytes(_png_header(0, 10))
-
-
-def _png_header(width, height):
-    """A PNG whose header claims the given size (and holds no pixel data)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (root / "zero.png").write_bytes(png_header(0, 10))
 
 
 def _samples(out):
