@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10, help="first steps of each run left out of the rate")
     parser.add_argument("--settings", default="bf16-w0,bf16,bf16-compile-w0,fp32,bf16-compile-w0-muon")
     parser.add_argument("--anchor-workers", default="1", help="open_clip --workers values to try (best counts)")
+    parser.add_argument("--anchor-precisions", default="fp32,bf16",
+                        help="open_clip precisions to run (fp32 alone on a CPU without native bf16, where "
+                             "bf16 matmuls are emulated and run ~400x slower)")
     parser.add_argument("--anchor-with-our-malloc", action="store_true",
                         help="also run open_clip bf16 with the glibc settings mmssl applies to itself")
     parser.add_argument("--work", default=str(REPO / "bench" / "results" / "train_throughput"))
@@ -66,7 +69,7 @@ def main() -> None:
     result["model_gflops_per_sample"] = model_flops_per_sample() / 1e9
     result["mmssl_executed_gflops_per_sample"] = model_flops_per_sample(shard_captions(shards)) / 1e9
     anchor = {}
-    for precision in ("fp32", "bf16"):
+    for precision in args.anchor_precisions.split(","):
         for workers in args.anchor_workers.split(","):
             name = f"{precision}-w{workers}"
             anchor[name] = run_anchor(work / f"anchor-{name}", shards, precision, int(workers), args)
@@ -123,10 +126,14 @@ def matmul_peaks(size: int = 2048, repeats: int = 10) -> dict:
 
     peaks = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            size_here = 256   # emulated bf16 (no AVX512-BF16 / AMX): ~0.3 GFLOP/s, a 2048^2 product takes a minute
+        else:
+            size_here = size
+        a, b = torch.randn(size_here, size_here, dtype=dtype), torch.randn(size_here, size_here, dtype=dtype)
         a @ b
         best = min(_timed(lambda: a @ b) for _ in range(repeats))
-        peaks[f"{name}_gflops"] = round(2 * size**3 / best / 1e9, 1)
+        peaks[f"{name}_gflops"] = round(2 * size_here**3 / best / 1e9, 1)
     return peaks
 
 
