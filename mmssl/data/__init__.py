@@ -3,12 +3,25 @@
 shards (`sources.resolve_shards`) -> raw samples split over ranks and workers (`plan`) -> decode
 and transform, corrupt samples skipped and counted (`samples`) -> tokenised batches
 (`train_loader.TrainLoader`, `eval_loader.EvalLoader`). Each module's docstring says why.
-"""
-from mmssl.data.eval_loader import EvalBatch, EvalLoader, build_eval_loader
-from mmssl.data.sources import Shard, count_tar_samples, resolve_shards, resolve_sources, total_samples
-from mmssl.data.train_loader import TrainBatch, TrainLoader, build_train_loader
 
-__all__ = [
-    "EvalBatch", "EvalLoader", "Shard", "TrainBatch", "TrainLoader", "build_eval_loader",
-    "build_train_loader", "count_tar_samples", "resolve_shards", "resolve_sources", "total_samples",
-]
+The names below load on first use, so importing a light leaf module (`mmssl.data.urls`,
+`mmssl.data.image_guard`) from the command-line parser does not load torch.
+"""
+import importlib
+
+_HOMES = {
+    "EvalBatch": "eval_loader", "EvalLoader": "eval_loader", "build_eval_loader": "eval_loader",
+    "Shard": "sources", "count_tar_samples": "sources", "resolve_shards": "sources",
+    "resolve_sources": "sources", "total_samples": "sources",
+    "TrainBatch": "train_loader", "TrainLoader": "train_loader", "build_train_loader": "train_loader",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mmssl.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mmssl.data.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
