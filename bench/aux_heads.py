@@ -101,7 +101,7 @@ def base_overrides(world: Path, output: Path, batch_size: int) -> list[str]:
         f"data.train={world / 'train'}", "data.val=null", "data.workers=1",
         f"train.output={output}", f"train.batch_size={batch_size}", "train.precision=fp32",
         "train.save_every=0", "train.val_every=0", "train.log_every=5", "train.seed=0", "train.overwrite=true",
-        f"train.threads={THREADS}", "train.optimizer=adamw",  # the README's table was measured with AdamW
+        f"train.threads={THREADS}", "train.optimizer=adamw",  # docs/benchmarks.md's table was measured with AdamW
     ]
 
 
