@@ -7,14 +7,13 @@ tune efSearch / nprobe to the recall target against exact search on one half of 
 Everything that was decided and measured goes into the returned info dict, which the index
 folder keeps as index_info.json.
 
-Tuning queries must not be in the index: a query that is one of the indexed vectors is found,
-with its neighbours, through its own graph node or cell, which no user query enjoys. On 300k
-clustered 256-d vectors under HNSW32,SQ8 at efSearch 48, vectors sampled from the index reached
-recall@10 0.926 (0.915 with their own id dropped from both sides) where new vectors from the same
-distribution reached 0.860. So without given queries, a sample of the vectors is held out: the
-index is built from the rest, tuned and checked on the held-out rows, and those rows are added
-last. FAISS ids then follow the order of addition, which `BuiltIndex.order` records (None when
-the ids are the row numbers) so that the caller lines the metadata up with them.
+Tuning queries must not be in the index: a query that is one of the indexed vectors is found, with
+its neighbours, through its own graph node or cell, which no user query enjoys, so its recall
+overstates what new queries get (docs/benchmarks.md, "Tuning queries inside the index"). So without
+given queries, a sample of the vectors is held out: the index is built from the rest, tuned and
+checked on the held-out rows, and those rows are added last. FAISS ids then follow the order of
+addition, which `BuiltIndex.order` records (None when the ids are the row numbers) so that the
+caller lines the metadata up with them.
 """
 from __future__ import annotations
 

@@ -4,23 +4,15 @@ Why a rule and not a sweep: building candidate indexes on millions of vectors co
 autofaiss (`get_optimal_index_keys_v2`) prefers an `HNSW{M}` graph whenever it fits, IVF-Flat
 below 1M vectors otherwise, and `OPQ..,IVF{nlist}[_HNSW32],PQ..` when only codes fit; it tunes for
 one-query-at-a-time latency. We tune for recall@10 against exact search and also serve batches,
-and our measurements (bench/index.py, 1M and 200k clustered 512-d vectors, 2 shared CPU cores,
-queries/s relative to `IndexFlatIP` in the same run, batches of 1000) decided the order below:
+and measurements with bench/index.py decided the middle of the order below (the figures:
+docs/benchmarks.md, "How the chooser's order was decided"):
 
-- IVF-Flat needs a large share of the cells for recall 0.95 on embedding-like data (intrinsic
-  dimension ~32): at 200k vectors IVF2048 reached 0.95 only at nprobe 256 (12% of the data
-  scanned), 1.2x exact search in batches, where HNSW32 at efSearch 96 (recall 0.958) ran at
-  2.0-3.5x and HNSW32,SQ8 (0.952-0.955) at 5-9x, over two runs. More cells do not rescue it:
-  at 100k, IVF1024 (3*sqrt(N)) needed nprobe 192 (19%, recall 0.966) and IVF4096 (13*sqrt(N))
-  nprobe 384 (9%, 0.952), both slower than exact search in batches (0.5x, 0.8x), while
-  HNSW32,SQ8 ran at 2.1-2.9x (recall 0.944-0.974 at efSearch 64-96).
+- IVF-Flat needs a large share of its cells for recall 0.95 on embedding-like data (intrinsic
+  dimension ~32), which makes it slower than a graph, and in batches slower than exact search;
+  more cells do not rescue it.
 - A graph over 8-bit scalar-quantized vectors (`HNSW{M},SQ8`, 1 byte per dimension) loses almost no
-  recall while each hop reads a quarter of the bytes: in the same run at 200k, 2.5x the batched
-  queries/s of `HNSW32` on float vectors, 82 s to build instead of 146 s, and a third of the memory.
-  At 1M: HNSW32,SQ8 built in 437 s, recall 0.953 held out at efSearch 164, batches at 9.2x
-  exact and single queries at 99x; HNSW32 on floats had taken 891 s (batches 8.9x, single
-  159x, another run under heavier load). Neither reaches 20x in batches, where exact search
-  is one BLAS product; HNSW is the faster of the types that reach the recall target.
+  recall while each hop reads a quarter of the bytes, so it builds and searches faster than a graph
+  over float vectors, in less memory.
 
 So, every one inner product on unit vectors:
 

@@ -1,13 +1,12 @@
 """Exact neighbours, recall@k, and the search-time knob (efSearch / nprobe) tuned to a recall target.
 
 Why tune at build time: the same HNSW or IVF index is fast-and-sloppy or slow-and-exact depending
-on one number, and the right number depends on the data. We measure recall@k against exact
-search on a query sample and keep the smallest value that reaches the target (recall grows with
-both knobs), so serving is as fast as the target allows. "Reaches" means the lower end of a
+on one number, and the right number depends on the data. We measure recall@k against exact search
+on a query sample and keep the smallest value that reaches the target (recall grows with both
+knobs), so serving is as fast as the target allows. "Reaches" means the lower end of a
 two-standard-error interval of the sample's mean recall, not the mean itself: the value that just
-scrapes the target on one sample falls short on other queries about half the time (0.950 tuned,
-0.947 held out, in an earlier 1M run). The exact side is computed in chunks of the collection so
-that it never needs a second full copy of the vectors.
+scrapes the target on one sample falls short on other queries about half the time. The exact side
+is computed in chunks of the collection so that it never needs a second full copy of the vectors.
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Keep freed memory in the process on CPU training runs (glibc malloc tuning).
 
-Why: a training step allocates and frees the same activation and gradient buffers (tens of MB
-each) every step. By default glibc returns freed memory at the top of the heap to the kernel
-(trim threshold ~128 kB, raised dynamically) and serves big blocks with fresh mmaps, so every step
-page-faults its buffers in again and the kernel zero-fills them. Measured on the tiny config
-(2 cores, bf16): 270 -> 385 samples/s with the thresholds below, the same effect jemalloc or
-tcmalloc give (PyTorch's CPU performance guide recommends them; they are not pip-installable
-dependencies, mallopt is in every glibc). Cost: up to TRIM_THRESHOLD of freed memory stays
-mapped. A no-op on other C libraries.
+Why: a training step allocates and frees the same activation and gradient buffers (tens of MB each)
+every step. By default glibc returns freed memory at the top of the heap to the kernel (trim
+threshold ~128 kB, raised dynamically) and serves big blocks with fresh mmaps, so every step
+page-faults its buffers in again and the kernel zero-fills them. The thresholds below keep those
+buffers in the process, the same effect jemalloc or tcmalloc give (PyTorch's CPU performance guide
+recommends them; they are not pip-installable dependencies, mallopt is in every glibc); what it
+buys on the tiny config: docs/benchmarks.md, "What buys it". Cost: up to TRIM_THRESHOLD of freed
+memory stays mapped. A no-op on other C libraries.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """Which scaled-dot-product-attention kernel the training step uses on CPU.
 
-Why: torch's CPU flash-attention kernel has a slow backward for short bf16 sequences. Measured
-here (2 cores, forward + backward, head dim 64): 65 tokens x 3 heads x 128 -- flash 46 ms, math
-(batched matmuls) 20 ms; 32 tokens 16 vs 7 ms; 128 tokens 68 vs 49 ms; 145 tokens 88 vs 73 ms; but
-197 tokens 55 vs 72 ms, and in fp32 flash wins at every length (65 tokens: 19 vs 87 ms). So bf16
-runs whose longest sequence is at most MATH_MAX_TOKENS use the math kernel; everything else, and
-every CUDA run, keeps torch's own choice.
+Why: torch's CPU flash-attention kernel has a slow backward for short bf16 sequences, where the
+math kernel (batched matmuls) is faster; for longer bf16 sequences, and in fp32 at every length,
+flash is the faster one (timings: docs/benchmarks.md, "What buys it"). So bf16 runs whose longest
+sequence is at most MATH_MAX_TOKENS use the math kernel; everything else, and every CUDA run,
+keeps torch's own choice.
 """
 from __future__ import annotations
 
