@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from mmssl.config import PRECISIONS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="zero-shot classification, retrieval, linear probe")
@@ -48,8 +50,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes")
     parser.add_argument("--allow-remote", action="store_true",
                         help="read http(s)/s3/gs shards named by the data (through fsspec; never pipe:)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 on CUDA or CPUs with native bf16, else fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16 on CUDA or CPUs with native bf16, else fp32 (fp16: CUDA only)")
 
 
 def run_zeroshot_command(args) -> int:

@@ -3,12 +3,15 @@
 Why a schema: a typo in a key (`train.setps`) must fail loudly instead of being ignored. Every
 section is a dataclass; `load_config` reads YAML, applies `a.b=value` overrides from the command
 line, and rejects unknown keys and values of the wrong type with a `UserError` naming the key.
+Each section also checks its own values when it is built (`__post_init__`: "bad value for
+train.lr: -1 (must be a positive number)"), so code that receives a section can trust it.
 Sections owned by other modules (model, data, loss, heads, train) are declared here so one file
 shows the whole surface a user can set.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,26 @@ from mmssl.errors import UserError
 
 # the installed `mmssl.configs` package: the repo's configs/ in an editable install, mmssl/configs in a wheel
 BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
+
+LOSS_KINDS = ("clip", "siglip")
+INPAINT_MODES = ("separate", "shared")
+OPTIMIZERS = ("adamw", "muon")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means, and the device policy: mmssl.precision
+
+
+def check_values(section: str, values, rules) -> None:
+    """Raise a UserError naming `section.key` for the first (key, ok, why) rule that fails."""
+    for key, ok, why in rules:
+        if not ok:
+            raise UserError(f"bad value for {section}.{key}: {getattr(values, key)!r} ({why})")
+
+
+def _finite_positive(value) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+def _one_of(options) -> str:
+    return f"must be one of {', '.join(options)}"
 
 
 @dataclass
@@ -38,6 +61,13 @@ class ModelConfig:
     grad_checkpointing: bool = False
     patch_dropout: float = 0.0         # FLIP patch dropout for the contrastive branch (ViT only)
 
+    def __post_init__(self):
+        check_values("model", self, [
+            ("patch_dropout", 0.0 <= self.patch_dropout < 1.0, "must be in [0, 1)"),
+            ("lock_image_unlocked_groups", self.lock_image_unlocked_groups >= 0, "must be >= 0"),
+            ("lock_text_unlocked_layers", self.lock_text_unlocked_layers >= 0, "must be >= 0"),
+        ])
+
 
 @dataclass
 class DataConfig:
@@ -52,6 +82,12 @@ class DataConfig:
     augment: bool = False                     # random resized crop instead of resize+center crop
     allow_remote: bool = False                # read http(s)/s3/gs shards (through fsspec; never pipe:)
 
+    def __post_init__(self):
+        check_values("data", self, [
+            ("shuffle_buffer", self.shuffle_buffer >= 0, "must be >= 0 (0: no shuffling)"),
+            ("workers", self.workers >= 0, "must be >= 0 (0: decode in the training process)"),
+        ])
+
 
 @dataclass
 class LossConfig:
@@ -60,8 +96,14 @@ class LossConfig:
     kind: str = "clip"            # clip | siglip
     local_loss: bool = False
     gather_with_grad: bool = False
-    mlm_weight: float = 0.0
+    mlm_weight: float = 0.0       # one <term>_weight per auxiliary term of mmssl.objective.TERMS; 0 = off
     inpaint_weight: float = 0.0
+
+    def __post_init__(self):
+        weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
+        check_values("loss", self, [("kind", self.kind in LOSS_KINDS, _one_of(LOSS_KINDS))] + [
+            (name, getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), "must be >= 0 (0: off)")
+            for name in weights])
 
 
 @dataclass
@@ -69,6 +111,14 @@ class MLMHeadConfig:
     mask_prob: float = 0.15
     replace_mask: float = 0.8
     replace_random: float = 0.1
+
+    def __post_init__(self):
+        check_values("heads.mlm", self, [
+            ("mask_prob", 0.0 < self.mask_prob < 1.0, "must be in (0, 1)"),
+            ("replace_mask", self.replace_mask >= 0, "must be >= 0"),
+            ("replace_random", self.replace_random >= 0 and self.replace_mask + self.replace_random <= 1.0,
+             "must be >= 0, and replace_mask + replace_random at most 1"),
+        ])
 
 
 @dataclass
@@ -80,6 +130,17 @@ class InpaintHeadConfig:
     decoder_heads: int = 4
     norm_pix_loss: bool = True
     unmasked_tune_steps: int = 0  # shared mode: final steps trained on unmasked images
+
+    def __post_init__(self):
+        check_values("heads.inpaint", self, [
+            ("mode", self.mode in INPAINT_MODES, _one_of(INPAINT_MODES)),
+            ("mask_ratio", 0.0 < self.mask_ratio < 1.0, "must be in (0, 1)"),
+            ("decoder_depth", self.decoder_depth >= 1, "must be >= 1"),
+            ("decoder_heads", self.decoder_heads >= 1, "must be >= 1"),
+            ("decoder_width", self.decoder_width >= 4 and self.decoder_width % 4 == 0
+             and self.decoder_width % self.decoder_heads == 0, "must be a multiple of 4 and of decoder_heads"),
+            ("unmasked_tune_steps", self.unmasked_tune_steps >= 0, "must be >= 0"),
+        ])
 
 
 @dataclass
@@ -105,7 +166,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup: int = 30
     grad_clip: Optional[float] = 1.0
-    precision: str = "fp32"       # fp32 | bf16
+    precision: str = "fp32"       # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 where native, else fp32
     compile: bool = False
     seed: int = 0
     log_every: int = 10
@@ -117,6 +178,30 @@ class TrainConfig:
     tensorboard: bool = False
     threads: int = 0              # torch intra-op threads; 0 keeps torch's default
 
+    def __post_init__(self):
+        check_values("train", self, [
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("accum_steps", 1 <= self.accum_steps <= self.batch_size, "must be between 1 and train.batch_size"),
+            ("optimizer", self.optimizer in OPTIMIZERS, _one_of(OPTIMIZERS)),
+            ("lr", _finite_positive(self.lr), "must be a positive number"),
+            ("muon_lr", _finite_positive(self.muon_lr), "must be a positive number"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("eps", self.eps > 0, "must be > 0"),
+            ("warmup", self.warmup >= 0, "must be >= 0"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 (or null for no clipping)"),
+            ("precision", self.precision in PRECISIONS, _one_of(PRECISIONS)),
+            ("precision", not (self.precision == "fp16" and self.accum_steps > 1),
+             "fp16's loss scaling cannot be combined with train.accum_steps > 1; use bf16"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
+            ("save_every", self.save_every >= 0, "must be >= 0 (0: only at the end)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0 (0: keep every checkpoint)"),
+            ("val_every", self.val_every >= 0, "must be >= 0 (0: no validation)"),
+            ("threads", self.threads >= 0, "must be >= 0 (0: torch's default)"),
+        ])
+
 
 @dataclass
 class ExperimentConfig:
@@ -125,6 +210,13 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.train.val_every and not self.data.val:
+            raise UserError("train.val_every needs data.val (labelled shards for zero-shot validation)")
+        tune = self.heads.inpaint.unmasked_tune_steps
+        if self.loss.inpaint_weight > 0 and self.heads.inpaint.mode == "shared" and tune > self.train.steps:
+            raise UserError(f"bad value for heads.inpaint.unmasked_tune_steps: {tune} (must be at most train.steps)")
 
 
 def resolve_config_path(path: str | Path) -> Path:

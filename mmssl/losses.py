@@ -6,18 +6,12 @@ below log(100) after each optimiser step). Across processes the features are all
 loss sees the global batch; `gather_with_grad` routes gradients back to the rank that produced
 each feature (otherwise only the local slice gets gradients, as in open_clip).
 
-`contrastive_step_with_accumulation` keeps the contrastive batch exact while the forward/backward
-runs in micro-batches (GradCache): the loss needs every pair in the batch, but its gradient only
-flows through the features, so features are computed first without a graph, the loss gradient is
-taken with respect to them, and each micro-batch is then re-run with a graph and back-propagated
-with its slice of that gradient.
+This module holds loss functions only; which terms make up the training loss, with what weights
+and in what precision, is `mmssl.objective`'s business.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,9 +22,8 @@ MAX_LOGIT_SCALE = 100.0                 # CLIP clamps exp(logit_scale) here
 
 def clamp_logit_scale(model: nn.Module, max_scale: float = MAX_LOGIT_SCALE) -> None:
     """Keep exp(logit_scale) in [1, max_scale]; call after every optimiser step, as CLIP does."""
-    module = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
     with torch.no_grad():
-        module.logit_scale.clamp_(0, math.log(max_scale))
+        model.logit_scale.clamp_(0, math.log(max_scale))
 
 
 def gather_features(
@@ -145,120 +138,3 @@ class SigLipLoss(nn.Module):
         logits = logit_scale * image_features @ text_features.T + logit_bias
         signs = self.signs(logits.shape[0], logits.shape[1], logits.device, logits.dtype)
         return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]
-
-
-def contrastive_step_with_accumulation(
-    model: nn.Module,
-    images: torch.Tensor,
-    texts: torch.Tensor,
-    loss_fn: nn.Module,
-    micro_batches: int,
-    autocast_ctx: Optional[Callable] = None,
-    aux_loss_fn: Optional[Callable] = None,
-    aux_weights: Optional[dict] = None,
-) -> dict:
-    """Accumulate parameter gradients of the exact full-batch contrastive loss over micro-batches.
-
-    model(images, texts) must return open_clip's dict (image_features, text_features, logit_scale
-    and, for SigLIP, logit_bias). `loss_fn` is a ClipLoss / SigLipLoss. `autocast_ctx` is a
-    zero-argument callable returning a context manager for the tower forwards (e.g.
-    `lambda: torch.autocast("cpu", dtype=torch.bfloat16)`); the loss itself runs in float32.
-    `aux_loss_fn(images_mb, texts_mb, outputs_mb) -> {name: mean-reduced loss}` adds auxiliary
-    terms on each micro-batch, each scaled by `aux_weights[name]` (default 1) and by the
-    micro-batch's share of the batch, so its gradient is that of the full-batch mean. The caller
-    zeroes gradients before and steps the optimiser after.
-
-    Returns detached scalars: {"loss", "contrastive_loss", and each auxiliary term's full-batch
-    mean under its own name}. RNG state is replayed so
-    dropout / patch dropout draw the same masks in both passes. Under DistributedDataParallel the
-    gradient all-reduce happens only on the last micro-batch.
-    """
-    autocast_ctx = autocast_ctx or nullcontext
-    image_chunks = torch.tensor_split(images, micro_batches)
-    text_chunks = torch.tensor_split(texts, micro_batches)
-    rng_states, cached = [], []
-    with torch.no_grad():
-        for image_chunk, text_chunk in zip(image_chunks, text_chunks):
-            rng_states.append(_rng_state(images.device))
-            with autocast_ctx():
-                cached.append(model(image_chunk, text_chunk))
-
-    leaves = _feature_leaves(cached)
-    contrastive = loss_fn(*_loss_args(leaves))
-    contrastive.backward()
-
-    weights, aux_means = aux_weights or {}, {}
-    batch_size = images.shape[0]
-    for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
-        _set_rng_state(rng_states[index], images.device)
-        is_last = index == len(image_chunks) - 1
-        with _sync_context(model, is_last):
-            with autocast_ctx():
-                outputs = model(image_chunk, text_chunk)
-            surrogate = _surrogate(outputs, leaves, index, include_scalars=index == 0)
-            share = image_chunk.shape[0] / batch_size
-            for name, term in (aux_loss_fn(image_chunk, text_chunk, outputs) if aux_loss_fn else {}).items():
-                surrogate = surrogate + weights.get(name, 1.0) * share * term
-                aux_means[name] = aux_means.get(name, 0.0) + share * term.detach().float()
-            surrogate.backward()
-
-    total = contrastive.detach() + sum(weights.get(name, 1.0) * mean for name, mean in aux_means.items())
-    return {"contrastive_loss": contrastive.detach(), **aux_means, "loss": total}
-
-
-def _feature_leaves(cached: list[dict]) -> dict:
-    """Full-batch features (float32) and scalars as graph leaves whose .grad the loss will fill."""
-    def leaf(tensor):  # detach: open_clip returns the logit_bias Parameter itself, not a copy
-        return tensor.detach().float().requires_grad_(True)
-
-    leaves = {
-        "image_features": [leaf(out["image_features"]) for out in cached],
-        "text_features": [leaf(out["text_features"]) for out in cached],
-        "logit_scale": leaf(cached[0]["logit_scale"]),
-    }
-    if cached[0].get("logit_bias") is not None:
-        leaves["logit_bias"] = leaf(cached[0]["logit_bias"])
-    return leaves
-
-
-def _loss_args(leaves: dict) -> list:
-    args = [torch.cat(leaves["image_features"]), torch.cat(leaves["text_features"]), leaves["logit_scale"]]
-    if "logit_bias" in leaves:
-        args.append(leaves["logit_bias"])
-    return args
-
-
-def _surrogate(outputs: dict, leaves: dict, index: int, include_scalars: bool) -> torch.Tensor:
-    """A scalar whose gradient w.r.t. the parameters is the loss gradient through this micro-batch.
-
-    sum(features * dL/dfeatures) back-propagates dL/dfeatures; logit_scale (and logit_bias) are
-    the same parameter in every micro-batch, so their cached gradient is injected once.
-    """
-    total = sum(
-        (outputs[key] * leaves[key][index].grad.to(outputs[key].dtype)).sum()
-        for key in ("image_features", "text_features")
-    )
-    if include_scalars:
-        for key in ("logit_scale", "logit_bias"):
-            if key in leaves:
-                total = total + (outputs[key] * leaves[key].grad.to(outputs[key].dtype)).sum()
-    return total
-
-
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state, device: torch.device) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def _sync_context(model: nn.Module, is_last: bool):
-    """DDP's no_sync for all but the last micro-batch (one gradient all-reduce per step)."""
-    if is_last or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()

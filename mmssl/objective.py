@@ -1,40 +1,104 @@
-"""The training objective: a contrastive loss plus weighted auxiliary heads, as named terms.
+"""The training objective: the one place that knows the loss terms, their weights, their precision and the total.
 
-    loss = contrastive_loss + mlm_weight * mlm_loss + inpaint_weight * inpaint_loss
+    loss = contrastive_loss + sum over enabled terms t of  loss.<t>_weight * t
 
-`Objective` is one module holding the dual encoder (`.model`), the enabled heads (`.heads`) and
-the contrastive loss (CLIP's InfoNCE or SigLIP's sigmoid loss, `loss.kind`). Its forward returns
-every term unweighted plus the weighted total under "loss", so the training loop can log each one
-and back-propagate the total. Optimising `objective.parameters()` covers model and heads; a head
-with weight 0 is never built, so it adds nothing (no parameters, no forward pass, no FLOPs).
+`Objective` holds the dual encoder (`.model`), the heads of the enabled terms (`.heads`) and the
+contrastive loss (CLIP's InfoNCE or SigLIP's sigmoid loss, `loss.kind`). Its forward returns every
+term unweighted plus the weighted total under "loss", so the loop can log each one and
+back-propagate the total.
 
-Inpainting modes: `separate` runs the contrastive branch on the full image and the masked image
-through its own encoder pass; `shared` (FLIP) encodes only the visible patches once and feeds that
-to both the contrastive loss and the decoder. In shared mode the last
-`heads.inpaint.unmasked_tune_steps` steps see full images (FLIP's unmasked tuning), where there is
-nothing to reconstruct, so the inpainting term is absent from those steps.
+Adding a term is one `Term` in `TERMS` (its logged name, the `LossConfig` weight field that turns
+it on, the head it trains, how to draw its random masks, how to compute it) plus the weight field
+in `mmssl.config.LossConfig`. A term with weight 0 is never built: no head, no parameters, no
+forward pass. Total, logging, checkpoints and gradient accumulation pick a new term up unchanged.
+
+Two rules keep accumulation over micro-batches exact (`mmssl.train.accumulate`):
+* random draws (MLM token masks, inpainting patch masks) are made once per step for the whole batch
+  (`draw`) and sliced per micro-batch (`Draws.rows`);
+* every auxiliary term is additive over micro-batches: a micro-batch's value is its rows' share of
+  the whole batch's mean (normalised by the whole batch's count, e.g. `Draws.batch_size`).
+
+Precision: the towers and heads run under the run's autocast; the contrastive loss and the total run
+in fp32 (`mmssl.precision`).
+
+Inpainting modes: `separate` gives the masked image its own encoder pass; `shared` (FLIP) encodes
+only the visible patches once and feeds that to both the contrastive loss and the decoder. In shared
+mode the last `heads.inpaint.unmasked_tune_steps` steps see full images (FLIP's unmasked tuning),
+so the inpainting term is absent from those steps.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.errors import UserError, require
-from mmssl.heads import build_heads
+from mmssl.errors import UserError
+from mmssl.heads import InpaintHead, MLMHead
 from mmssl.heads.vit_tokens import encode_visible
 from mmssl.losses import ClipLoss, SigLipLoss
 from mmssl.models.text_trim import encode_text
+from mmssl.precision import autocast
 
-LOSS_KINDS = ("clip", "siglip")
-TERM_WEIGHTS = {"mlm_loss": "mlm_weight", "inpaint_loss": "inpaint_weight"}
+
+@dataclass
+class Draws:
+    """One step's random draws for the whole batch; `rows(start, stop)` is a micro-batch's share."""
+
+    batch_size: int                              # rows in the step's batch: normaliser of per-row means
+    masks: dict = field(default_factory=dict)    # term name -> draw with .rows(start, stop)
+
+    def rows(self, start: int, stop: int) -> "Draws":
+        return Draws(self.batch_size, {name: mask.rows(start, stop) for name, mask in self.masks.items()})
+
+
+@dataclass(frozen=True)
+class Term:
+    """One auxiliary loss term: name logged, weight field, head, random draw, computation."""
+
+    name: str                                    # logged key, e.g. "mlm_loss"
+    weight: str                                  # LossConfig field; 0 = term and head never built
+    head: str                                    # key in Objective.heads and the checkpoint's `heads`
+    build_head: Callable                         # (model, heads config) -> nn.Module
+    compute: Callable                            # (objective, images, texts, outputs, draws) -> tensor | None
+    draw: Optional[Callable] = None              # (objective, images, texts, step) -> draw | None
+
+
+def _draw_mlm(objective, images, texts, step):
+    return objective.heads["mlm"].mask(objective.model, texts)
+
+
+def _mlm(objective, images, texts, outputs, draws):
+    return objective.heads["mlm"](objective.model, texts, draws.masks["mlm_loss"])
+
+
+def _draw_patches(objective, images, texts, step):
+    if objective.shared_masking and step is not None and step >= objective.unmasked_from_step:
+        return None  # FLIP's unmasked tuning: full images, nothing to reconstruct
+    return objective.heads["inpaint"].sample_mask(objective.model, images)
+
+
+def _inpaint(objective, images, texts, outputs, draws):
+    mask = draws.masks.get("inpaint_loss")
+    if mask is None:
+        return None
+    head = objective.heads["inpaint"]
+    if "visible" in outputs:
+        return head.reconstruction_loss(images, outputs["visible"], mask)
+    return head(objective.model, images, mask)
+
+
+TERMS = (
+    Term("mlm_loss", "mlm_weight", "mlm", lambda model, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
+    Term("inpaint_loss", "inpaint_weight", "inpaint", lambda model, heads: InpaintHead(model, heads.inpaint),
+         _inpaint, _draw_patches),
+)
 
 
 def build_contrastive_loss(loss_cfg, rank: int = 0, world_size: int = 1) -> nn.Module:
-    """ClipLoss or SigLipLoss for the `loss` config section."""
-    require(loss_cfg.kind in LOSS_KINDS, f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {loss_cfg.kind!r}")
+    """ClipLoss or SigLipLoss for the `loss` config section (already validated)."""
     if loss_cfg.kind == "siglip":
         return SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
     return ClipLoss(local_loss=loss_cfg.local_loss, gather_with_grad=loss_cfg.gather_with_grad,
@@ -42,74 +106,90 @@ def build_contrastive_loss(loss_cfg, rank: int = 0, world_size: int = 1) -> nn.M
 
 
 class Objective(nn.Module):
-    """Dual encoder + heads + contrastive loss; `forward(images, texts, step)` -> dict of terms."""
+    """Dual encoder + heads + contrastive loss; `forward(images, texts, step)` -> dict of terms.
 
-    def __init__(self, model: nn.Module, cfg, rank: int = 0, world_size: int = 1):
+    `cfg` is the experiment config: its `loss` and `heads` sections and `train.steps` (for FLIP's
+    unmasked tuning). `precision` is a resolved name from `mmssl.precision` (fp32 | bf16 | fp16).
+    """
+
+    def __init__(self, model: nn.Module, cfg, rank: int = 0, world_size: int = 1, precision: str = "fp32"):
         super().__init__()
         self.model = model
-        self.heads = build_heads(cfg, model)
+        self.precision = precision
+        self.terms = [term for term in TERMS if getattr(cfg.loss, term.weight) > 0]
+        self.weights = {term.name: float(getattr(cfg.loss, term.weight)) for term in self.terms}
+        self.heads = nn.ModuleDict({term.head: term.build_head(model, cfg.heads) for term in self.terms})
         self.contrastive = build_contrastive_loss(cfg.loss, rank, world_size)
-        self.weights = {term: getattr(cfg.loss, field) for term, field in TERM_WEIGHTS.items()}
         self.siglip = cfg.loss.kind == "siglip"
         if self.siglip and getattr(model, "logit_bias", None) is None:
-            raise ValueError("loss.kind=siglip needs a model with logit_bias: create_model(..., siglip=True)")
+            raise UserError("loss.kind=siglip needs a model with logit_bias: create_model(..., siglip=True)")
         self.shared_masking = "inpaint" in self.heads and cfg.heads.inpaint.mode == "shared"
-        if self.shared_masking and cfg.model.patch_dropout > 0:
+        if self.shared_masking and not isinstance(getattr(model.visual, "patch_dropout", nn.Identity()), nn.Identity):
             raise UserError("heads.inpaint.mode=shared already drops the masked patches from the contrastive "
                             "branch; set model.patch_dropout=0")
-        tune_steps = cfg.heads.inpaint.unmasked_tune_steps
-        require(tune_steps >= 0, f"heads.inpaint.unmasked_tune_steps must be >= 0, got {tune_steps}")
-        self.unmasked_from_step = cfg.train.steps - tune_steps
+        self.unmasked_from_step = cfg.train.steps - cfg.heads.inpaint.unmasked_tune_steps
 
-    def masks_images(self, step: Optional[int]) -> bool:
-        """Whether the contrastive branch sees only visible patches at this (0-based) step."""
-        return self.shared_masking and (step is None or step < self.unmasked_from_step)
+    # ---- the pieces (what gradient accumulation calls) ----------------------------------
+    def draw(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> Draws:
+        """Every enabled term's random draw for this (0-based) step's whole batch."""
+        draws = Draws(batch_size=images.shape[0])
+        for term in self.terms:
+            mask = term.draw(self, images, texts, step) if term.draw else None
+            if mask is not None:
+                draws.masks[term.name] = mask
+        return draws
 
-    def encode(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> dict:
+    def encode(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws) -> dict:
         """open_clip's output dict for the contrastive loss; in shared mode also the visible patches.
 
         Captions are encoded without their padding where that is exact (`mmssl.models.text_trim`).
         """
-        outputs = {"text_features": encode_text(self.model, texts, normalize=True),
-                   "logit_scale": self.model.logit_scale.exp()}
-        if not self.masks_images(step):
-            outputs["image_features"] = self.model.encode_image(images, normalize=True)
-        else:
-            head = self.heads["inpaint"]
-            mask = head.sample_mask(self.model, images)
-            visible = encode_visible(self.model.visual, images, mask.keep)
-            outputs.update(image_features=F.normalize(visible.features, dim=-1), visible=visible, patch_mask=mask)
+        mask = draws.masks.get("inpaint_loss") if self.shared_masking else None
+        with autocast(self.precision, images.device):
+            outputs = {"text_features": encode_text(self.model, texts, normalize=True),
+                       "logit_scale": self.model.logit_scale.exp()}
+            if mask is None:
+                outputs["image_features"] = self.model.encode_image(images, normalize=True)
+            else:
+                visible = encode_visible(self.model.visual, images, mask.keep)
+                outputs.update(image_features=F.normalize(visible.features, dim=-1), visible=visible)
         if self.siglip:
             outputs["logit_bias"] = self.model.logit_bias
         return outputs
 
     def contrastive_loss(self, outputs: dict) -> torch.Tensor:
-        args = [outputs["image_features"].float(), outputs["text_features"].float(), outputs["logit_scale"].float()]
-        if self.siglip:
-            args.append(outputs["logit_bias"].float())
-        return self.contrastive(*args)
+        """The contrastive term of a whole batch's outputs, in fp32."""
+        keys = ("image_features", "text_features", "logit_scale") + (("logit_bias",) if self.siglip else ())
+        return self.contrastive(*(outputs[key].float() for key in keys))
 
-    def aux_terms(self, images: torch.Tensor, texts: torch.Tensor, outputs: dict) -> dict:
-        """Unweighted auxiliary losses of the enabled heads, e.g. {"mlm_loss": ..., "inpaint_loss": ...}."""
-        terms = {}
-        if "mlm" in self.heads:
-            terms["mlm_loss"] = self.heads["mlm"](self.model, texts)
-        if "inpaint" in self.heads:
-            head = self.heads["inpaint"]
-            if "patch_mask" in outputs:
-                terms["inpaint_loss"] = head.reconstruction_loss(images, outputs["visible"], outputs["patch_mask"])
-            elif not self.shared_masking:
-                terms["inpaint_loss"] = head(self.model, images)
-        return terms
+    def aux_terms(self, images: torch.Tensor, texts: torch.Tensor, outputs: dict, draws: Draws) -> dict:
+        """Unweighted auxiliary terms of the enabled heads (fp32), e.g. {"mlm_loss": ..., "inpaint_loss": ...}."""
+        values = {}
+        with autocast(self.precision, images.device):
+            for term in self.terms:
+                value = term.compute(self, images, texts, outputs, draws)
+                if value is not None:
+                    values[term.name] = value.float()
+        return values
 
+    def total(self, terms: dict) -> torch.Tensor:
+        """contrastive_loss (weight 1, if present) + each auxiliary term times its weight, in fp32."""
+        unknown = sorted(set(terms) - set(self.weights) - {"contrastive_loss", "loss"})
+        if unknown:
+            raise KeyError(f"no weight for loss term {unknown[0]!r}: add it to mmssl.objective.TERMS")
+        parts = [terms["contrastive_loss"].float()] if "contrastive_loss" in terms else []
+        parts += [weight * terms[name] for name, weight in self.weights.items() if name in terms]
+        return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+
+    # ---- one step on a whole batch --------------------------------------------------------
     def forward(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> dict:
-        outputs = self.encode(images, texts, step)
-        terms = {"contrastive_loss": self.contrastive_loss(outputs)}
-        terms.update(self.aux_terms(images, texts, outputs))
-        terms["loss"] = terms["contrastive_loss"] + sum(
-            self.weights[name] * terms[name] for name in TERM_WEIGHTS if name in terms)
+        draws = self.draw(images, texts, step)
+        outputs = self.encode(images, texts, draws)
+        terms = {"contrastive_loss": self.contrastive_loss(outputs), **self.aux_terms(images, texts, outputs, draws)}
+        terms["loss"] = self.total(terms)
         return terms
 
+    # ---- checkpoints ----------------------------------------------------------------------
     def heads_state_dict(self) -> dict:
         """The checkpoint's `heads` entry: head name -> state dict (empty when no head is on)."""
         return {name: head.state_dict() for name, head in self.heads.items()}

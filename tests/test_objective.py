@@ -97,14 +97,16 @@ def test_shared_mode_contrasts_visible_patches_then_tunes_unmasked(micro_json, w
                            "heads.inpaint.mask_ratio=0.5", "train.steps=10", "heads.inpaint.unmasked_tune_steps=3")
     model, texts = objective.model, objective.model.tokenizer(captions)
     torch.manual_seed(5)
-    shared = objective.encode(images, texts, step=6)
+    shared = objective.encode(images, texts, objective.draw(images, texts, step=6))
     torch.manual_seed(5)
     keep = objective.heads["inpaint"].sample_mask(model, images).keep
     assert keep.shape == (16, 8)
     visible = encode_visible(model.visual, images, keep).features
     assert torch.allclose(shared["image_features"], torch.nn.functional.normalize(visible, dim=-1))
-    # the last 3 of 10 steps (0-based 7, 8, 9): full images, no reconstruction term
-    full = objective.encode(images, texts, step=7)
+    # the last 3 of 10 steps (0-based 7, 8, 9): full images, no reconstruction term, no mask drawn
+    late = objective.draw(images, texts, step=7)
+    assert late.masks == {}
+    full = objective.encode(images, texts, late)
     assert torch.allclose(full["image_features"], model.encode_image(images, normalize=True))
     assert "inpaint_loss" in objective(images, texts, step=6)
     assert set(objective(images, texts, step=7)) == {"contrastive_loss", "loss"}
@@ -116,9 +118,9 @@ def test_shared_mode_contrasts_visible_patches_then_tunes_unmasked(micro_json, w
 def test_config_errors(micro_json, tmp_path):
     with pytest.raises(UserError, match="set model.patch_dropout=0"):
         build(micro_json, "loss.inpaint_weight=1", "heads.inpaint.mode=shared", "model.patch_dropout=0.5")
-    with pytest.raises(UserError, match="heads.inpaint.mode must be one of separate, shared"):
+    with pytest.raises(UserError, match=r"bad value for heads.inpaint.mode: 'both' \(must be one of separate, shared\)"):
         build(micro_json, "loss.inpaint_weight=1", "heads.inpaint.mode=both")
-    with pytest.raises(UserError, match="loss.kind must be one of clip, siglip"):
+    with pytest.raises(UserError, match=r"bad value for loss.kind: 'sigmoid' \(must be one of clip, siglip\)"):
         build(micro_json, "loss.kind=sigmoid")
     resnet = tmp_path / "resnet.json"
     resnet.write_text(json.dumps({**MICRO, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}))

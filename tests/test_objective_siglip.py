@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import mmssl
+from mmssl.errors import UserError
 from mmssl.losses import SigLipLoss
 
 BATCH, DIM = 5, 8
@@ -74,5 +75,5 @@ def test_siglip_model_init_and_objective_pick():
     objective = Objective(model, cfg)
     assert isinstance(objective.contrastive, SigLipLoss)
     assert "model.logit_bias" in dict(objective.named_parameters())
-    with pytest.raises(ValueError, match="siglip=True"):
+    with pytest.raises(UserError, match="siglip=True"):
         Objective(mmssl.create_model(cfg.model), cfg)

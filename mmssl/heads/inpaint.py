@@ -14,13 +14,15 @@ loss too, so the reconstruction comes almost for free.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 from open_clip.pos_embed import get_2d_sincos_pos_embed
 from open_clip.transformer import Transformer
 from torch import nn
 
+from mmssl.config import InpaintHeadConfig
 from mmssl.errors import require
 from mmssl.heads.vit_tokens import VisibleEncoding, encode_visible, num_patches, patch_size, patchify, require_vit
 
@@ -29,6 +31,11 @@ from mmssl.heads.vit_tokens import VisibleEncoding, encode_visible, num_patches,
 class PatchMask:
     keep: torch.Tensor     # [B, K] indices of visible patches, ascending
     masked: torch.Tensor   # [B, N] bool, True where the patch is hidden
+    count: int             # hidden patches in the whole batch: the loss's normaliser
+
+    def rows(self, start: int, stop: int) -> "PatchMask":
+        """Rows start:stop, still normalised by the whole batch's count (so micro-batch losses add up)."""
+        return PatchMask(self.keep[start:stop], self.masked[start:stop], self.count)
 
 
 def random_patch_mask(batch: int, patches: int, mask_ratio: float, device=None) -> PatchMask:
@@ -38,12 +45,15 @@ def random_patch_mask(batch: int, patches: int, mask_ratio: float, device=None) 
     keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
     masked = torch.ones(batch, patches, dtype=torch.bool, device=device)
     masked.scatter_(1, keep, False)
-    return PatchMask(keep=keep, masked=masked)
+    return PatchMask(keep=keep, masked=masked, count=batch * (patches - num_keep))
 
 
 def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor, patch: int,
-                      norm_pix_loss: bool = True) -> torch.Tensor:
-    """Mean over hidden patches of the per-patch MSE between `pred` [B, N, p*p*3] and the pixels."""
+                      norm_pix_loss: bool = True, count: Optional[int] = None) -> torch.Tensor:
+    """Mean over hidden patches of the per-patch MSE between `pred` [B, N, p*p*3] and the pixels.
+
+    `count` is the number of hidden patches to divide by (default: those in `masked`).
+    """
     target = patchify(images, patch).float()
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
@@ -51,7 +61,8 @@ def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, masked: torch.Te
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     weights = masked.to(per_patch.dtype)
-    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+    denominator = weights.sum().clamp(min=1.0) if count is None else max(count, 1)
+    return (per_patch * weights).sum() / denominator
 
 
 class MAEDecoder(nn.Module):
@@ -59,8 +70,6 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, enc_width: int, grid: int, patch: int, width: int = 128, depth: int = 2, heads: int = 4):
         super().__init__()
-        require(width % heads == 0 and width % 4 == 0,
-                f"heads.inpaint.decoder_width ({width}) must be a multiple of 4 and of decoder_heads ({heads})")
         self.embed = nn.Linear(enc_width, width)
         self.mask_token = nn.Parameter(0.02 * torch.randn(width))
         pos = torch.from_numpy(get_2d_sincos_pos_embed(width, grid, cls_token=True)).float()
@@ -81,29 +90,32 @@ class MAEDecoder(nn.Module):
 
 
 class InpaintHead(nn.Module):
-    """Patch masking, the MAE decoder and the loss; `forward(model, images)` is the separate mode."""
+    """Patch masking, the MAE decoder and the loss; `forward(model, images)` is the separate mode.
 
-    def __init__(self, model: nn.Module, mask_ratio: float = 0.75, decoder_depth: int = 2,
-                 decoder_width: int = 128, decoder_heads: int = 4, norm_pix_loss: bool = True):
+    Configured by a `heads.inpaint` section or its fields as keywords (`InpaintHead(model, mask_ratio=0.5)`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: Optional[InpaintHeadConfig] = None, **fields):
         super().__init__()
+        cfg = replace(cfg or InpaintHeadConfig(), **fields)  # the section validates its values
         visual = model.visual
         require_vit(visual, "the inpainting head (loss.inpaint_weight > 0)")
-        require(0.0 < mask_ratio < 1.0, f"heads.inpaint.mask_ratio must be in (0, 1), got {mask_ratio}")
         require(visual.grid_size[0] == visual.grid_size[1], "the inpainting head needs a square patch grid")
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
+        self.mask_ratio = cfg.mask_ratio
+        self.norm_pix_loss = cfg.norm_pix_loss
         self.patch = patch_size(visual)
         self.decoder = MAEDecoder(visual.transformer.width, visual.grid_size[0], self.patch,
-                                  decoder_width, decoder_depth, decoder_heads)
+                                  cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads)
 
     def sample_mask(self, model: nn.Module, images: torch.Tensor) -> PatchMask:
         return random_patch_mask(images.shape[0], num_patches(model.visual), self.mask_ratio, images.device)
 
     def reconstruction_loss(self, images: torch.Tensor, encoding: VisibleEncoding, mask: PatchMask) -> torch.Tensor:
         pred = self.decoder(encoding.tokens, mask.keep)
-        return masked_patch_loss(pred, images, mask.masked, self.patch, self.norm_pix_loss)
+        return masked_patch_loss(pred, images, mask.masked, self.patch, self.norm_pix_loss, mask.count)
 
-    def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        mask = self.sample_mask(model, images)
+    def forward(self, model: nn.Module, images: torch.Tensor, mask: Optional[PatchMask] = None) -> torch.Tensor:
+        """The reconstruction loss of `images` under `mask` (drawn here if None), from its own encoder pass."""
+        mask = mask if mask is not None else self.sample_mask(model, images)
         encoding = encode_visible(model.visual, images, mask.keep)
         return self.reconstruction_loss(images, encoding, mask)

@@ -13,13 +13,14 @@ loads for eval without the head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.errors import require
+from mmssl.config import MLMHeadConfig
 from mmssl.heads.text_tower import TextVocab, text_tower
 
 
@@ -28,13 +29,11 @@ class MaskedText:
     inputs: torch.Tensor     # token ids fed to the masked pass
     selected: torch.Tensor   # bool: positions whose original token is predicted
     to_mask: torch.Tensor    # bool: selected positions fed [MASK] (or the mask embedding)
+    count: int               # selected positions in the whole batch: the loss's normaliser
 
-
-def check_mlm_config(mask_prob: float, replace_mask: float, replace_random: float) -> None:
-    require(0.0 < mask_prob < 1.0, f"heads.mlm.mask_prob must be in (0, 1), got {mask_prob}")
-    require(replace_mask >= 0 and replace_random >= 0 and replace_mask + replace_random <= 1.0,
-            "heads.mlm.replace_mask and replace_random must be >= 0 and sum to at most 1, "
-            f"got {replace_mask} and {replace_random}")
+    def rows(self, start: int, stop: int) -> "MaskedText":
+        """Rows start:stop, still normalised by the whole batch's count (so micro-batch losses add up)."""
+        return MaskedText(self.inputs[start:stop], self.selected[start:stop], self.to_mask[start:stop], self.count)
 
 
 def bert_mask(tokens: torch.Tensor, maskable: torch.Tensor, vocab: TextVocab, mask_prob: float = 0.15,
@@ -48,7 +47,7 @@ def bert_mask(tokens: torch.Tensor, maskable: torch.Tensor, vocab: TextVocab, ma
     if vocab.mask_id is not None:
         inputs[to_mask] = vocab.mask_id
     inputs[to_random] = _random_tokens(int(to_random.sum()), vocab, tokens.device)
-    return MaskedText(inputs=inputs, selected=selected, to_mask=to_mask)
+    return MaskedText(inputs=inputs, selected=selected, to_mask=to_mask, count=int(selected.sum()))
 
 
 def _random_tokens(count: int, vocab: TextVocab, device) -> torch.Tensor:
@@ -60,13 +59,15 @@ def _random_tokens(count: int, vocab: TextVocab, device) -> torch.Tensor:
 
 
 class MLMHead(nn.Module):
-    """BERT prediction head plus the masking; `forward(model, tokens)` returns the MLM loss."""
+    """BERT prediction head plus the masking; `forward(model, tokens)` returns the MLM loss.
 
-    def __init__(self, model: nn.Module, mask_prob: float = 0.15, replace_mask: float = 0.8,
-                 replace_random: float = 0.1):
+    Configured by a `heads.mlm` section or its fields as keywords (`MLMHead(model, mask_prob=0.3)`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: Optional[MLMHeadConfig] = None, **fields):
         super().__init__()
-        check_mlm_config(mask_prob, replace_mask, replace_random)
-        self.mask_prob, self.replace_mask, self.replace_random = mask_prob, replace_mask, replace_random
+        cfg = replace(cfg or MLMHeadConfig(), **fields)  # the section validates its values
+        self.mask_prob, self.replace_mask, self.replace_random = cfg.mask_prob, cfg.replace_mask, cfg.replace_random
         tower = text_tower(model)
         width = tower.width
         self.dense = nn.Linear(width, width)
@@ -80,15 +81,16 @@ class MLMHead(nn.Module):
         return bert_mask(tokens, tower.maskable(tokens), tower.vocab,
                          self.mask_prob, self.replace_mask, self.replace_random)
 
-    def forward(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, tokens: torch.Tensor, masked: Optional[MaskedText] = None) -> torch.Tensor:
+        """Cross-entropy at the selected positions, summed and divided by `masked.count` (drawn here if None)."""
         tower = text_tower(model)
-        masked = self.mask(model, tokens)
+        masked = masked if masked is not None else self.mask(model, tokens)
         states = tower.hidden_states(masked.inputs, tokens, masked.to_mask, self.mask_embedding)
         logits = self.predict(states[masked.selected], tower.output_embedding)
         targets = tokens[masked.selected]
-        if targets.numel() == 0:  # nothing picked in this batch: a zero that keeps the graph
+        if targets.numel() == 0:  # nothing picked in these rows: a zero that keeps the graph
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / max(masked.count, 1)
 
     def predict(self, states: torch.Tensor, output_embedding: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for [N, width] states, projection tied to the token embedding."""

@@ -1,20 +1,22 @@
-"""The training loop: batches -> objective terms -> one AdamW step, with logs, checkpoints, resume.
+"""The training loop: batches -> objective terms -> one optimizer step, with logs, checkpoints, resume.
 
 `train(cfg)` is what `mmssl train` runs: it joins the torchrun group (if any), builds the pieces
-from the config (`build_trainer`) and runs `Trainer.fit`. The `Trainer` itself only sees
-interfaces, so tests and other callers can hand it their own objective or loader:
+from the config (`build_trainer`) and runs `Trainer.fit`. The `Trainer` itself sees its `train`
+config section and interfaces, so tests and other callers can hand it their own objective or loader:
 
 * objective: an `nn.Module` with `.model` (the dual encoder), `forward(images, texts, step)`
-  returning named loss terms with their weighted total under "loss" (see `mmssl.objective`),
-  `encode` / `contrastive` / `aux_terms` for exact-batch accumulation, and
-  `heads_state_dict` / `load_heads_state_dict` for checkpoints;
+  returning named loss terms with their weighted total under "loss", the pieces exact-batch
+  accumulation calls (`draw`, `encode`, `contrastive_loss`, `aux_terms`, `total`; see
+  `mmssl.objective` and `mmssl.train.accumulate`), and `heads_state_dict` /
+  `load_heads_state_dict` for checkpoints;
 * loader: an endless iterable of batches with `.images` / `.texts`, plus `state_dict`,
   `load_state_dict` and `corrupt_count` (see `mmssl.data.train_loader.TrainLoader`).
 
 Semantics worth knowing: `train.batch_size` is the contrastive batch of one rank per optimizer
 step (the global batch is batch_size x world_size); `train.accum_steps` splits it into that many
 micro-batches for the forward/backward without changing the loss (GradCache). Step k (1-based)
-is the k-th optimizer update; a checkpoint at step k holds the state after it.
+is the k-th optimizer update (AdamW, or Muon for the block matrices: `train.optimizer`); a
+checkpoint at step k holds the state after it.
 
 Across ranks, gradients are averaged with one coalesced all-reduce after the backward pass instead
 of DistributedDataParallel: the objective runs the towers several times per step (contrastive
@@ -33,16 +35,17 @@ from typing import Callable, Optional
 
 import torch
 
-from mmssl.config import ExperimentConfig, to_dict
+from mmssl.config import ExperimentConfig, TrainConfig, to_dict
 from mmssl.errors import UserError
-from mmssl.losses import clamp_logit_scale, contrastive_step_with_accumulation
+from mmssl.losses import clamp_logit_scale
+from mmssl.precision import compute_dtype, default_device, emulation_note, grad_scaler, resolve_precision
 from mmssl.train import checkpoint as ckpt
+from mmssl.train.accumulate import accumulated_backward
 from mmssl.train.allocator import keep_freed_memory
 from mmssl.train.attention import training_attention
 from mmssl.train.distributed import DistEnv, broadcast_object, gather_objects, init_distributed, shutdown
 from mmssl.train.metrics import MetricsLog, WindowTimer, progress_bar
 from mmssl.train.optim import build_optimizer, build_scheduler
-from mmssl.train.precision import autocast, check_precision, compute_dtype, grad_scaler
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,48 +63,12 @@ class TrainResult:
 
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Run `mmssl train` for a resolved config (joins the torchrun group when launched by it)."""
-    check_config(cfg)
+    resolve_precision(cfg.train.precision, default_device())  # refuse fp16 on CPU before anything starts
     env = init_distributed()
     try:
         return build_trainer(cfg, env).fit()
     finally:
         shutdown(env)
-
-
-def check_config(cfg: ExperimentConfig) -> None:
-    """Reject values that cannot work before anything heavy starts (UserError, one line)."""
-    t = cfg.train
-    rules = [
-        ("steps", t.steps >= 1, "must be >= 1"),
-        ("batch_size", t.batch_size >= 1, "must be >= 1"),
-        ("accum_steps", 1 <= t.accum_steps <= t.batch_size, "must be between 1 and train.batch_size"),
-        ("optimizer", t.optimizer in ("adamw", "muon"), "must be adamw or muon"),
-        ("lr", t.lr > 0 and math.isfinite(t.lr), "must be a positive number"),
-        ("muon_lr", t.muon_lr > 0 and math.isfinite(t.muon_lr), "must be a positive number"),
-        ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
-        ("beta1", 0 <= t.beta1 < 1, "must be in [0, 1)"),
-        ("beta2", 0 <= t.beta2 < 1, "must be in [0, 1)"),
-        ("eps", t.eps > 0, "must be > 0"),
-        ("warmup", t.warmup >= 0, "must be >= 0"),
-        ("grad_clip", t.grad_clip is None or t.grad_clip > 0, "must be > 0 (or null for no clipping)"),
-        ("log_every", t.log_every >= 1, "must be >= 1"),
-        ("save_every", t.save_every >= 0, "must be >= 0 (0: only at the end)"),
-        ("keep_checkpoints", t.keep_checkpoints >= 0, "must be >= 0 (0: keep every checkpoint)"),
-        ("val_every", t.val_every >= 0, "must be >= 0 (0: no validation)"),
-        ("threads", t.threads >= 0, "must be >= 0 (0: torch's default)"),
-    ]
-    for key, ok, why in rules:
-        if not ok:
-            raise UserError(f"bad value for train.{key}: {getattr(t, key)!r} ({why})")
-    check_precision(t.precision, _default_device())
-    if t.precision == "fp16" and t.accum_steps > 1:
-        raise UserError("train.precision=fp16 cannot be combined with train.accum_steps > 1 (loss scaling); use bf16")
-    if t.val_every and not cfg.data.val:
-        raise UserError("train.val_every needs data.val (labelled shards for zero-shot validation)")
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -124,9 +91,10 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
         torch.set_num_threads(cfg.train.threads)
     if env.device.type == "cpu":
         keep_freed_memory()
+    precision = resolve_precision(cfg.train.precision, env.device)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = create_model(cfg.model, siglip=cfg.loss.kind == "siglip")
-    objective = Objective(model, cfg, rank=env.rank, world_size=env.world_size).to(env.device)
+    objective = Objective(model, cfg, rank=env.rank, world_size=env.world_size, precision=precision).to(env.device)
     image_size = model.visual.image_size
     loader = build_train_loader(
         cfg.data,
@@ -142,8 +110,8 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     if cfg.train.val_every:
         from mmssl.train.validation import ZeroShotValidation
 
-        validate = ZeroShotValidation(cfg.data.val, env.device, cfg.train.precision, cfg.data.allow_remote)
-    return Trainer(cfg, env, objective, loader, validate=validate)
+        validate = ZeroShotValidation(cfg.data.val, env.device, precision, cfg.data.allow_remote)
+    return Trainer(cfg.train, env, objective, loader, config_record=to_dict(cfg), validate=validate)
 
 
 def _pair(size) -> tuple:
@@ -151,25 +119,30 @@ def _pair(size) -> tuple:
 
 
 class Trainer:
-    """Owns one run's state (objective, optimizer, schedule, scaler, loader, step) and its I/O."""
+    """Owns one run's state (objective, optimizer, schedule, scaler, loader, step) and its I/O.
 
-    def __init__(self, cfg: ExperimentConfig, env: DistEnv, objective: torch.nn.Module, loader,
-                 validate: Optional[Callable] = None):
+    `cfg` is the `train` section; `config_record` is the whole experiment config as a dict, saved in
+    every checkpoint so the model can be rebuilt from it.
+    """
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, objective: torch.nn.Module, loader, *,
+                 config_record: dict, validate: Optional[Callable] = None):
         self.cfg, self.env, self.objective, self.loader, self.validate = cfg, env, objective, loader, validate
-        self.output = Path(cfg.train.output)
+        self.config_record = config_record
+        self.output = Path(cfg.output)
         self.device = env.device
         self.params = [p for p in objective.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(objective, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.scaler = grad_scaler(cfg.train.precision, self.device)
-        self.autocast = partial(autocast, cfg.train.precision, self.device)
+        self.optimizer = build_optimizer(objective, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        precision = resolve_precision(cfg.precision, self.device)
+        self.precision_note = emulation_note(precision, self.device)
+        self.scaler = grad_scaler(precision, self.device)
         self.step = 0
         self.last_checkpoint: Optional[Path] = None
-        self._resume(ckpt.start_point(self.output, cfg.train.resume, cfg.train.overwrite, may_write=env.is_main))
+        self._resume(ckpt.start_point(self.output, cfg.resume, cfg.overwrite, may_write=env.is_main))
         _broadcast_parameters(objective, env)
-        dtype = compute_dtype(cfg.train.precision)
-        self.attention = partial(training_attention, objective.model, self.device, dtype)
-        if cfg.train.compile:
+        self.attention = partial(training_attention, objective.model, self.device, compute_dtype(precision))
+        if cfg.compile:
             _compile_towers(objective.model)
 
     # ---- one optimizer step -------------------------------------------------------------
@@ -184,7 +157,7 @@ class Trainer:
             self._diverged(self.step + 1, f"loss is {values['loss']} ({_format_terms(values)})")
         _average_gradients(self.params, self.env)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
         if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
             self._diverged(self.step + 1, f"gradient norm is {grad_norm.item()}")
         self.scaler.step(self.optimizer)
@@ -195,15 +168,9 @@ class Trainer:
         return values
 
     def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        objective = self.objective
-        if self.cfg.train.accum_steps > 1:
-            return contrastive_step_with_accumulation(
-                partial(objective.encode, step=self.step), images, texts, objective.contrastive,
-                self.cfg.train.accum_steps, autocast_ctx=self.autocast, aux_loss_fn=objective.aux_terms,
-                aux_weights=objective.weights,
-            )
-        with self.autocast():
-            terms = objective(images, texts, step=self.step)
+        if self.cfg.accum_steps > 1:
+            return accumulated_backward(self.objective, images, texts, self.cfg.accum_steps, step=self.step)
+        terms = self.objective(images, texts, step=self.step)
         self.scaler.scale(terms["loss"]).backward()
         return terms
 
@@ -224,8 +191,10 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        t = self.cfg.train
+        t = self.cfg
         main = self.env.is_main
+        if main and self.precision_note:
+            sys.stderr.write(self.precision_note + "\n")
         log = MetricsLog(self.output, enabled=main, tensorboard=t.tensorboard, resume_step=self.step)
         bar = progress_bar(t.steps, self.step, enabled=main)
         result = TrainResult(step=self.step, output=self.output, checkpoint=self.last_checkpoint)
@@ -304,7 +273,7 @@ class Trainer:
             state = {
                 "model": self.objective.model.state_dict(),
                 "heads": self.objective.heads_state_dict(),
-                "config": to_dict(self.cfg),
+                "config": self.config_record,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -313,7 +282,7 @@ class Trainer:
                 "world_size": self.env.world_size,
             }
             try:
-                path = str(ckpt.save_checkpoint(self.output, self.step, state, keep=self.cfg.train.keep_checkpoints))
+                path = str(ckpt.save_checkpoint(self.output, self.step, state, keep=self.cfg.keep_checkpoints))
             except UserError as err:
                 failure = str(err)
         path, failure = broadcast_object(self.env, (path, failure))  # every rank stops on a failed save

@@ -10,14 +10,17 @@ import sys
 
 import torch
 
+from mmssl.precision import autocast_dtype
+
 
 class ZeroShotValidation:
     """`__call__(model) -> {"acc1", "acc5", "mean_per_class_recall"}` on a labelled shard set."""
 
     def __init__(self, data: str, device: torch.device, precision: str = "fp32", allow_remote: bool = False):
+        """`precision`: the run's resolved precision (`mmssl.precision`); validation runs in it too."""
         self.data, self.allow_remote = data, allow_remote
         self.device = device
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.autocast_dtype = autocast_dtype(precision)
         self.warned = False
 
     def __call__(self, model: torch.nn.Module) -> dict:
