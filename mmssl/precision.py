@@ -1,7 +1,6 @@
 """Where a job runs and in what precision: the one policy for training, evaluation and serving.
 
-Device: the CUDA device when there is one, else the CPU (torchrun ranks take their local GPU in
-`mmssl.train.distributed`).
+Device: the CUDA device when there is one (a torchrun rank takes its local one), else the CPU.
 
 Precision names: `fp32`; `bf16` (autocast to bfloat16, no loss scaling: bf16 keeps fp32's
 exponent range); `fp16` (CUDA only, with a GradScaler against underflowing gradients); `auto`,
@@ -24,9 +23,11 @@ from mmssl.errors import UserError
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def default_device() -> torch.device:
-    """The device a single-process job uses."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def default_device(local_rank: Optional[int] = None) -> torch.device:
+    """The device a job uses: the CUDA device (number `local_rank` for a torchrun rank), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
 
 
 @functools.lru_cache(maxsize=None)
