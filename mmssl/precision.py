@@ -40,6 +40,12 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16())
 
 
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where it is native on this device, else fp32: for work that wants the fastest matmuls
+    whatever the run's precision (Muon's Newton-Schulz iteration)."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
 def resolve_precision(precision: str, device: torch.device, key: str = "train.precision") -> str:
     """`fp32`, `bf16` or `fp16` for a precision name on this device; a UserError naming `key` if it cannot run.
 

@@ -79,3 +79,17 @@ def test_the_objective_runs_towers_in_bf16_and_the_loss_in_fp32(tmp_path):
     assert outputs["image_features"].dtype == torch.bfloat16
     terms = objective(images, texts)
     assert {name: value.dtype for name, value in terms.items()} == dict.fromkeys(terms, torch.float32)
+
+
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_muon_orthogonalises_in_the_fast_matmul_dtype(cpu_bf16, native, dtype):
+    from mmssl.train.muon import orthogonalize
+    from mmssl.train.optim import build_muon
+
+    cpu_bf16(native)
+    model = torch.nn.Module()
+    model.resblocks = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+    cfg = load_config(None, ["train.optimizer=muon"]).train
+    assert build_muon(model, cfg).newton_schulz_dtype is dtype
+    singular = torch.linalg.svdvals(orthogonalize(torch.randn(32, 96), dtype=dtype))
+    assert 0.4 < singular.min() and singular.max() < 1.3

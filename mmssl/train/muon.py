@@ -5,7 +5,9 @@ late, even when trained supervised (`bench/vit_shape_proxy.py`); Muon on its blo
 shape within the tiny config's 300 steps, supervised and contrastive (figures: docs/benchmarks.md,
 "Learning check").
 Muon (K. Jordan et al., 2024) replaces each matrix's update by the nearest semi-orthogonal
-matrix to its Nesterov momentum (a quintic Newton-Schulz iteration, run in bf16), so every direction of the matrix moves at the same rate instead of the few dominant ones.
+matrix to its Nesterov momentum (a quintic Newton-Schulz iteration, run in bf16 where the hardware
+has it natively and in fp32 elsewhere: `mmssl.precision.fast_matmul_dtype`), so every direction of
+the matrix moves at the same rate instead of the few dominant ones.
 Embeddings, the patch convolution, projections, norms, biases and the temperature are not
 block matrices and keep AdamW (with CLIP's decay split), as the method prescribes.
 
@@ -23,10 +25,10 @@ from torch.optim.adamw import adamw
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # the published quintic, 5 iterations
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T of `matrix` = U S V^T: singular values within ~100x of the largest end in ~[0.5, 1.2]."""
     a, b, c = NEWTON_SCHULZ_COEFFS
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -45,9 +47,11 @@ def is_block_matrix(name: str, param: torch.Tensor) -> bool:
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with `muon=True` take Muon steps (lr, momentum); the others AdamW steps (lr, betas, eps, weight_decay)."""
 
-    def __init__(self, groups: list, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, momentum: float = 0.95):
+    def __init__(self, groups: list, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, momentum: float = 0.95,
+                 newton_schulz_dtype: torch.dtype = torch.bfloat16):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum, muon=False)
         super().__init__(groups, defaults)
+        self.newton_schulz_dtype = newton_schulz_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,7 +69,7 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(param)
         buf, beta = state["momentum_buffer"], group["momentum"]
         buf.mul_(beta).add_(param.grad)
-        update = orthogonalize(param.grad.add(buf, alpha=beta))  # Nesterov
+        update = orthogonalize(param.grad.add(buf, alpha=beta), dtype=self.newton_schulz_dtype)  # Nesterov
         scale = math.sqrt(max(1.0, param.shape[0] / param.shape[1]))
         param.add_(update, alpha=-group["lr"] * scale)
 

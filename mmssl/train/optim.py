@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from mmssl.precision import fast_matmul_dtype
 from mmssl.train.muon import MuonAdamW, is_block_matrix
 
 NO_DECAY_NAMES = ("logit_scale", "logit_bias")
@@ -51,7 +52,9 @@ def build_muon(model: torch.nn.Module, train_cfg) -> MuonAdamW:
     groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]}
               for group in param_groups(model, train_cfg.weight_decay)]
     groups.append({"params": block, "muon": True, "lr": train_cfg.muon_lr})
-    return MuonAdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps)
+    device = block[0].device if block else torch.device("cpu")
+    return MuonAdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+                     newton_schulz_dtype=fast_matmul_dtype(device))
 
 
 def warmup_cosine(warmup: int, total: int):
