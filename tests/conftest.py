@@ -23,3 +23,53 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- training on a synthetic world
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """400 train / 48 val synthetic samples and the micro model config (`micro.json`), one per test
+    module; `helpers.config(world, output, ...)` trains on it in seconds."""
+    from helpers import write_micro_model
+    from mmssl.cli import main
+
+    root = tmp_path_factory.mktemp("train_world")
+    assert main(["prep", "synthetic", "--out", str(root / "syn"), "--num-train", "400", "--num-val", "48",
+                 "--quiet"]) == 0
+    write_micro_model(root)
+    return root
+
+
+# ---------------------------------------------------------------- the search service
+
+@pytest.fixture(scope="module")
+def index_dir(request, tmp_path_factory):
+    """A search index over the requesting module's `NUM_ITEMS` synthetic val images (default 40)."""
+    from helpers import build_index
+
+    return build_index(tmp_path_factory.mktemp(request.module.__name__), getattr(request.module, "NUM_ITEMS", 40))
+
+
+@pytest.fixture(scope="module")
+def searcher(index_dir):
+    from eval.index.search import Searcher
+
+    return Searcher.open(str(index_dir))
+
+
+@pytest.fixture(scope="module")
+def server(searcher):
+    """Base URL of the app for `searcher`, default options, served in a thread on a loopback port."""
+    from helpers import serving
+
+    with serving(searcher) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=30) as http:
+        yield http

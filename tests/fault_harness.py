@@ -26,12 +26,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from helpers import micro_overrides, write_micro_model
+
 REPO = Path(__file__).resolve().parents[1]
-MICRO_MODEL = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 
 
 def mmssl(argv: list, *, limit_file_bytes: int | None = None, env: dict | None = None,
@@ -210,14 +207,12 @@ def train_world(work: Path, num_train: int = 400) -> None:
         done = mmssl(["prep", "synthetic", "--out", work / "syn", "--num-train", num_train, "--num-val", 16,
                       "--num-heldout", 8, "--image-size", 32, "--shard-size", 100, "--quiet"])
         assert done.returncode == 0, done.stderr
-    (work / "micro.json").write_text(json.dumps(MICRO_MODEL))
+    write_micro_model(work)
 
 
 def train_argv(work: Path, out: Path, steps: int = 30, *extra) -> list:
-    return ["train", "--config", "tiny", f"model.name={work / 'micro.json'}", f"data.train={work / 'syn' / 'train'}",
-            "data.val=null", "data.workers=2", "data.shuffle_buffer=64", f"train.output={out}",
-            "train.batch_size=16", f"train.steps={steps}", "train.warmup=5", "train.log_every=1",
-            "train.save_every=5", "train.precision=fp32", "train.threads=1", "train.lr=0.001",
+    # the tests' micro-model overrides (later overrides win), checkpoints every 5 steps
+    return ["train", "--config", "tiny", *micro_overrides(work, out), f"train.steps={steps}", "train.save_every=5",
             "train.optimizer=adamw", *extra]
 
 

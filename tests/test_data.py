@@ -1,49 +1,14 @@
 """mmssl.data: shard resolution, the training loader (split, epochs, resume, corrupt samples), eval loader."""
 import io
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from helpers import jpeg_bytes, length_tokenizer, to_tensor, write_shards
 from mmssl.data import count_tar_samples, resolve_shards, resolve_sources, total_samples
 from mmssl.errors import UserError
-
-
-def _jpeg(seed: int, size: int = 16) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def write_shards(folder: Path, sizes, manifest=True, stats=False, prefix="", corrupt=(), captions_json=False):
-    """Tiny img2dataset-like shards: keys `{prefix}{shard:05d}{i:04d}`; `corrupt` keys get bad jpg bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for shard, size in enumerate(sizes):
-        name = f"{shard:05d}.tar"
-        with wds.TarWriter(str(folder / name)) as sink:
-            for i in range(size):
-                key = f"{prefix}{shard:05d}{i:04d}"
-                meta = {"label": (shard * 7 + i) % 5, "key": key}
-                sample = {"__key__": key, "jpg": _jpeg(shard * 1000 + i)}
-                if captions_json:
-                    meta["captions"] = [f"{key} caption {c}" for c in range(3)]
-                else:
-                    sample["txt"] = f"caption of {key}"
-                sample["json"] = json.dumps(meta)
-                if key in corrupt:
-                    sample["jpg"] = b"not a jpeg"
-                sink.write(sample)
-        if stats:
-            (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": size, "successes": size}))
-        entries.append({"url": name, "count": size})
-    if manifest:
-        (folder / "manifest.json").write_text(json.dumps({"shards": entries, "total": sum(sizes)}))
-    return folder
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -121,15 +86,6 @@ import torch  # noqa: E402
 
 from mmssl.config import DataConfig  # noqa: E402
 from mmssl.data import TrainLoader, build_eval_loader, build_train_loader  # noqa: E402
-
-
-def to_tensor(image):
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
-def length_tokenizer(captions):
-    """Stands in for model.tokenizer: one row per caption, deterministic content."""
-    return torch.tensor([[len(c), sum(map(ord, c)) % 1000] for c in captions])
 
 
 def take(loader, n):
@@ -275,7 +231,7 @@ def test_tar_reader_matches_webdataset_including_long_names(tmp_path):
     long_key = "deep/" + "x" * 150 + "/sample"
     with wds.TarWriter(str(shard)) as sink:
         for key in ["a", long_key, "b.c"]:
-            sink.write({"__key__": key, "jpg": _jpeg(1), "TXT": f"text {key}".encode(), "json": b"{}"})
+            sink.write({"__key__": key, "jpg": jpeg_bytes(1), "TXT": f"text {key}".encode(), "json": b"{}"})
     ours = list(tar_samples(str(shard)))
     theirs = list(wds.tariterators.tarfile_samples([{"url": str(shard)}]))
     assert [s["__key__"] for s in ours] == ["a", long_key, "b"]
@@ -296,7 +252,7 @@ def test_batched_transform_tail_is_bitwise_the_per_sample_transform():
     transform = T.Compose([T.Resize(12, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(12),
                            T.ToTensor(), T.Normalize((0.48, 0.45, 0.40), (0.26, 0.26, 0.27))])
     fast = BatchedImageTransform(transform)
-    images = [Image.open(io.BytesIO(_jpeg(seed, size=20))) for seed in range(3)]
+    images = [Image.open(io.BytesIO(jpeg_bytes(seed, size=20))) for seed in range(3)]
     assert fast.batched and fast.sample(images[0]).dtype == torch.uint8
     assert torch.equal(fast.batch([fast.sample(im) for im in images]), torch.stack([transform(im) for im in images]))
     assert not BatchedImageTransform(to_tensor).batched

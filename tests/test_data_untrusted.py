@@ -10,14 +10,14 @@ import threading
 
 import pytest
 
+from helpers import length_tokenizer, to_tensor, write_shards
+from image_bytes import png_header
 from mmssl.cli import main
 from mmssl.data import build_eval_loader, resolve_shards
 from mmssl.data.samples import LostSamples, shard_samples
 from mmssl.data.tar_reader import MAX_MEMBER_BYTES, TarFormatError, tar_files
 from mmssl.data.train_loader import TrainLoader
 from mmssl.errors import UserError
-from test_data import length_tokenizer, to_tensor, write_shards
-from image_bytes import png_header
 
 
 def _pipe_manifest(folder, flag, count=4):

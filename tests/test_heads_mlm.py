@@ -1,10 +1,9 @@
 """MLM head: BERT masking statistics, specials never masked, bidirectional masked pass, learning."""
-import json
-
 import pytest
 import torch
 
 import mmssl
+from helpers import micro_model_config, write_micro_model
 from mmssl.errors import UserError
 from mmssl.heads.mlm import MLMHead, bert_mask
 from mmssl.heads.text_tower import HFTextTower, NativeTextTower, text_tower
@@ -21,13 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    path = tmp_path_factory.mktemp("models") / "micro.json"
-    path.write_text(json.dumps(config))
+    # MICRO_MODEL with one vision layer and a 64-wide text tower
+    path = write_micro_model(tmp_path_factory.mktemp("models"), micro_model_config(vision={"layers": 1},
+                                                                                   text={"width": 64}))
     torch.manual_seed(0)
     return mmssl.create_model(str(path))
 

@@ -18,8 +18,9 @@ from PIL import Image
 
 from data_prep import coco, csv_source, folder, pipeline, shards
 from data_prep.samples import Sample
-from mmssl.cli import main
+from helpers import exit_code
 from image_bytes import png_header
+from mmssl.cli import main
 
 MAX_CAPTION_BYTES = 64 * 1024  # the documented caption limit
 
@@ -53,13 +54,6 @@ def _dataset_files(folder_path):
 
 def _counts(manifest):
     return manifest["num_rows"], manifest["num_samples"], manifest["num_failures"]
-
-
-def _exit_code(argv):
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
 
 
 # ---- every row accounted for -------------------------------------------------------------------
@@ -111,7 +105,7 @@ def test_max_image_pixels_is_a_flag_and_bounds_the_output_too(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "o2"), "--image-size", "40", "--max-image-pixels", "1500"]) == 0
     assert [f["reason"] for f in _failures(tmp_path / "o2")] == [
         "output too large: border at 40 px makes 40x40 = 1600 pixels, over the limit of 1500 (--max-image-pixels)"] * 2
-    assert _exit_code(base + ["--out", str(tmp_path / "o3"), "--max-image-pixels", "0"]) == 2
+    assert exit_code(base + ["--out", str(tmp_path / "o3"), "--max-image-pixels", "0"]) == 2
     assert "expected a number >= 1" in capsys.readouterr().err
 
 
@@ -340,7 +334,7 @@ def test_folder_input_hash_follows_sizes_and_mtimes(tmp_path, capsys):
     assert folder.prepare(root, out, image_size=16, shard_size=1, workers=1, resume=True, quiet=True) == first
     (root / "b.txt").write_text("caption B")  # same size, new mtime
     os.utime(root / "b.txt", ns=(0, (root / "a.txt").stat().st_mtime_ns + 10**9))
-    assert _exit_code(["prep", "folder", "--input", str(root), "--out", str(out), "--image-size", "16",
+    assert exit_code(["prep", "folder", "--input", str(root), "--out", str(out), "--image-size", "16",
                        "--shard-size", "1", "--workers", "1", "--quiet", "--resume"]) == 2
     assert "the input changed since shard 00000.tar was written" in capsys.readouterr().err
 

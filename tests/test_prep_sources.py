@@ -11,8 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep import coco, csv_source, folder
-from mmssl.cli import main
+from helpers import exit_code
 from image_bytes import png_header
+from mmssl.cli import main
 
 
 def _image(path, size=(48, 32), seed=0, fmt=None):
@@ -175,17 +176,9 @@ def test_csv_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     (tmp_path / "header_only.csv").write_text("image,caption\n")
     (tmp_path / "latin1.csv").write_bytes("image,caption\nok.jpg,caf\u00e9\n".encode("latin-1"))
     argv = ["prep", "csv", "--input", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--quiet"]
-    assert _exit_code(argv + [a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    assert exit_code(argv + [a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
-
-
-def _exit_code(argv):
-    """main()'s status, whether it returns it or argparse exits with it."""
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def test_folder_with_sidecar_captions(tmp_path):

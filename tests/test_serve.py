@@ -7,65 +7,19 @@ import shutil
 import socket
 import subprocess
 import tarfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 
+from helpers import INDEX_MODEL
 from mmssl.cli import main
 
-MODEL = "openclip:tiny-vit-64"
 NUM_ITEMS = 40
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    assert main(["prep", "synthetic", "--out", str(root / "data"), "--num-train", "8",
-                 "--num-val", str(NUM_ITEMS), "--num-heldout", "4", "--quiet"]) == 0
-    assert main(["index", "build", "--checkpoint", MODEL, "--data", str(root / "data" / "val"),
-                 "--out", str(root / "index"), "--workers", "0"]) == 0
-    return root / "index"
-
-
-@pytest.fixture(scope="module")
-def searcher(index_dir):
-    from eval.index.search import Searcher
-
-    return Searcher.open(str(index_dir))
-
-
-@pytest.fixture(scope="module")
-def server(searcher):
-    """(base URL, searcher) of the app served by uvicorn in a thread on a free loopback port."""
-    import uvicorn
-
-    from eval.serve.app import create_app
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    uv = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert uv.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=30) as http:
-        yield http
+# index_dir (NUM_ITEMS val images), searcher, server and client are fixtures in conftest.py
 
 
 def _exact_top_k(searcher, query_vector, k):
@@ -80,7 +34,7 @@ def test_health(client):
     response = client.get("/health")
     health = response.json()
     assert response.status_code == 200 and health["status"] == "ok" and health["count"] == NUM_ITEMS
-    assert health["index"] == "Flat" and health["model"] == MODEL
+    assert health["index"] == "Flat" and health["model"] == INDEX_MODEL
     assert health["queue_depth"] == 0 and health["max_queue"] == 256 and health["worker_restarts"] == 0
 
 

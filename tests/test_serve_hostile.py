@@ -13,7 +13,6 @@ import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,70 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from helpers import serving
 from mmssl.cli import main
 
-MODEL = "openclip:tiny-vit-64"
 NUM_ITEMS = 24
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- fixtures and helpers
 
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    assert main(["prep", "synthetic", "--out", str(root / "data"), "--num-train", "8",
-                 "--num-val", str(NUM_ITEMS), "--num-heldout", "4", "--quiet"]) == 0
-    assert main(["index", "build", "--checkpoint", MODEL, "--data", str(root / "data" / "val"),
-                 "--out", str(root / "index"), "--workers", "0"]) == 0
-    return root / "index"
-
-
-@pytest.fixture(scope="module")
-def searcher(index_dir):
-    from eval.index.search import Searcher
-
-    return Searcher.open(str(index_dir))
-
-
-@contextmanager
-def serving(searcher, host="127.0.0.1", **options):
-    """Base URL of `create_app(searcher, ServeOptions(**options))` on a free loopback port."""
-    import uvicorn
-
-    from eval.serve.app import create_app
-    from eval.serve.options import ServeOptions
-
-    from eval.serve import _bind
-
-    app = create_app(searcher, ServeOptions(bind_host=host, **options))
-    sock = _bind(host, 0)          # the socket `mmssl serve` listens on
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    port = sock.getsockname()[1]
-    try:
-        yield f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def server(searcher):
-    with serving(searcher) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=30) as http:
-        yield http
+# index_dir (NUM_ITEMS val images), searcher, server and client are fixtures in conftest.py;
+# serving(searcher, **options) runs the app with other options
 
 
 class GatedSearcher:

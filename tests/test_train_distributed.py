@@ -1,5 +1,4 @@
 """`torchrun --nproc_per_node 2 -m mmssl train` on CPU (gloo): one writer, a global contrastive batch."""
-import json
 import os
 import shutil
 import subprocess
@@ -8,15 +7,10 @@ import sys
 import pytest
 import torch
 
+from helpers import write_micro_model
 from mmssl.cli import main
 from mmssl.config import load_config
 from mmssl.train.metrics import read_metrics
-
-MICRO_MODEL = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 
 
 def first_global_batch_loss(cfg) -> float:
@@ -44,7 +38,7 @@ def first_global_batch_loss(cfg) -> float:
 def test_torchrun_two_cpu_processes(tmp_path):
     assert main(["prep", "synthetic", "--out", str(tmp_path / "syn"), "--num-train", "320", "--num-val", "48",
                  "--quiet"]) == 0
-    (tmp_path / "micro.json").write_text(json.dumps(MICRO_MODEL))
+    write_micro_model(tmp_path)
     overrides = [f"model.name={tmp_path / 'micro.json'}", f"data.train={tmp_path / 'syn/train'}", "data.val=null",
                  "data.workers=0", "data.shuffle_buffer=32", f"train.output={tmp_path / 'run'}",
                  "train.batch_size=8", "train.steps=4", "train.warmup=2", "train.log_every=1",

@@ -1,31 +1,25 @@
 """The training step's speed paths give the same model: padding-free text encoding and the CPU
 attention kernel choice."""
-import copy
-import json
-
 import pytest
 import torch
 
+from helpers import micro_model_config, write_micro_model
 from mmssl.models import create_model
 from mmssl.models.text_trim import can_trim, encode_text, trimmed_length
 from mmssl.train import allocator
 from mmssl.train.attention import MATH_MAX_TOKENS, longest_sequence, training_attention
-from test_train_loop import MICRO_MODEL
 
 CAPTIONS = ["a red circle", "a small blue star in the top left corner", "there is a green cross and a pink diamond"]
 
 
 def model_from(folder, cfg):
-    path = folder / "model.json"
-    path.write_text(json.dumps(cfg))
+    path = write_micro_model(folder, cfg, name="model.json")
     torch.manual_seed(0)
     return create_model(str(path))
 
 
 def micro_model(folder, **text_cfg):
-    cfg = copy.deepcopy(MICRO_MODEL)
-    cfg["text_cfg"].update(text_cfg)
-    return model_from(folder, cfg)
+    return model_from(folder, micro_model_config(text=text_cfg))
 
 
 def test_trimmed_length_is_the_longest_caption():

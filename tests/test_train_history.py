@@ -9,12 +9,12 @@ import stat
 import pytest
 import torch
 
+from helpers import config, logged_losses
 from mmssl.cli import main
 from mmssl.errors import UserError
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.loop import train
 from mmssl.train.metrics import read_metrics
-from test_train_loop import config, logged_losses, world  # noqa: F401  (world is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

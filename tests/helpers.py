@@ -1,0 +1,168 @@
+"""Helpers shared by several test modules: constants and plain functions (the fixtures built on
+them, `world` and the serve fixtures, are in conftest.py).
+
+Import them as `from helpers import ...`: pytest puts tests/ on sys.path (like `image_bytes` and
+`fault_harness`), and no test module imports another `test_*.py` module.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mmssl.config import load_config
+from mmssl.train.distributed import DistEnv
+from mmssl.train.metrics import read_metrics
+
+# ---------------------------------------------------------------- the micro model and training
+
+# a ViT and text transformer small enough that a training step takes milliseconds on a CPU
+MICRO_MODEL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def micro_model_config(vision: dict | None = None, text: dict | None = None) -> dict:
+    """A fresh copy of MICRO_MODEL with some `vision_cfg` / `text_cfg` keys changed."""
+    cfg = copy.deepcopy(MICRO_MODEL)
+    cfg["vision_cfg"].update(vision or {})
+    cfg["text_cfg"].update(text or {})
+    return cfg
+
+
+def write_micro_model(folder: Path, cfg: dict | None = None, name: str = "micro.json") -> Path:
+    """FOLDER/NAME holding the model config (default MICRO_MODEL), for `model.name=` / `create_model`."""
+    path = Path(folder) / name
+    path.write_text(json.dumps(MICRO_MODEL if cfg is None else cfg))
+    return path
+
+
+def micro_overrides(world: Path, output) -> list:
+    """The overrides that shrink the tiny config to seconds on a `world` folder (see conftest.py):
+    micro model, batch 16, one thread, no periodic validation, no checkpoints."""
+    return [f"model.name={world / 'micro.json'}", f"data.train={world / 'syn' / 'train'}", "data.val=null",
+            "data.workers=2", "data.shuffle_buffer=64", f"train.output={output}", "train.batch_size=16",
+            "train.warmup=5", "train.log_every=1", "train.save_every=0", "train.precision=fp32",
+            "train.threads=1", "train.lr=0.001"]
+
+
+def config(world: Path, output, *extra):
+    """The tiny config shrunk to seconds: micro model, batch 16, one thread, in-process decoding."""
+    return load_config("tiny", [*micro_overrides(world, output), *extra])
+
+
+def logged_losses(output: Path) -> list:
+    return [(r["step"], r["loss"]) for r in read_metrics(output / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------- shards and loaders
+
+def jpeg_bytes(seed: int, size: int = 16) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, sizes, manifest=True, stats=False, prefix="", corrupt=(), captions_json=False):
+    """Tiny img2dataset-like shards: keys `{prefix}{shard:05d}{i:04d}`; `corrupt` keys get bad jpg bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for shard, size in enumerate(sizes):
+        name = f"{shard:05d}.tar"
+        with wds.TarWriter(str(folder / name)) as sink:
+            for i in range(size):
+                key = f"{prefix}{shard:05d}{i:04d}"
+                meta = {"label": (shard * 7 + i) % 5, "key": key}
+                sample = {"__key__": key, "jpg": jpeg_bytes(shard * 1000 + i)}
+                if captions_json:
+                    meta["captions"] = [f"{key} caption {c}" for c in range(3)]
+                else:
+                    sample["txt"] = f"caption of {key}"
+                sample["json"] = json.dumps(meta)
+                if key in corrupt:
+                    sample["jpg"] = b"not a jpeg"
+                sink.write(sample)
+        if stats:
+            (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": size, "successes": size}))
+        entries.append({"url": name, "count": size})
+    if manifest:
+        (folder / "manifest.json").write_text(json.dumps({"shards": entries, "total": sum(sizes)}))
+    return folder
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def length_tokenizer(captions):
+    """Stands in for model.tokenizer: one row per caption, deterministic content."""
+    return torch.tensor([[len(c), sum(map(ord, c)) % 1000] for c in captions])
+
+
+# ---------------------------------------------------------------- the command line
+
+def exit_code(argv: list) -> int:
+    """`mmssl ARGV`'s status in this process, whether main() returns it or argparse exits with it."""
+    from mmssl.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+# ---------------------------------------------------------------- search index and service
+
+INDEX_MODEL = "openclip:tiny-vit-64"   # random-init open_clip model: embeds in milliseconds
+
+
+def build_index(root: Path, num_items: int) -> Path:
+    """ROOT/index: a search index over the `num_items` val images of a synthetic world in ROOT/data."""
+    from mmssl.cli import main
+
+    assert main(["prep", "synthetic", "--out", str(root / "data"), "--num-train", "8",
+                 "--num-val", str(num_items), "--num-heldout", "4", "--quiet"]) == 0
+    assert main(["index", "build", "--checkpoint", INDEX_MODEL, "--data", str(root / "data" / "val"),
+                 "--out", str(root / "index"), "--workers", "0"]) == 0
+    return root / "index"
+
+
+@contextmanager
+def serving(searcher, host="127.0.0.1", **options):
+    """Base URL of `create_app(searcher, ServeOptions(**options))` served by uvicorn in a thread, on
+    a free port of HOST, through the socket `mmssl serve` listens on."""
+    import uvicorn
+
+    from eval.serve import _bind
+    from eval.serve.app import create_app
+    from eval.serve.options import ServeOptions
+
+    app = create_app(searcher, ServeOptions(bind_host=host, **options))
+    sock = _bind(host, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    port = sock.getsockname()[1]
+    try:
+        yield f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
