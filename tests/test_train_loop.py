@@ -11,43 +11,13 @@ import tarfile
 import pytest
 import torch
 
+from helpers import CPU, config, logged_losses
 from mmssl.cli import main
-from mmssl.config import load_config
 from mmssl.objective import Objective
 from mmssl.train.loop import Trainer, TrainingDiverged, build_trainer, train
-from mmssl.train.distributed import DistEnv
 from mmssl.train.metrics import read_metrics
 
-MICRO_MODEL = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """400 train / 48 val synthetic samples and a micro model config (shared by this module's tests)."""
-    root = tmp_path_factory.mktemp("train_world")
-    assert main(["prep", "synthetic", "--out", str(root / "syn"), "--num-train", "400", "--num-val", "48",
-                 "--quiet"]) == 0
-    model_json = root / "micro.json"
-    model_json.write_text(json.dumps(MICRO_MODEL))
-    return root
-
-
-def config(world, output, *extra):
-    """The tiny config shrunk to seconds: micro model, batch 16, one thread, in-process decoding."""
-    return load_config("tiny", [
-        f"model.name={world / 'micro.json'}", f"data.train={world / 'syn' / 'train'}", "data.val=null",
-        "data.workers=2", "data.shuffle_buffer=64", f"train.output={output}", "train.batch_size=16",
-        "train.warmup=5", "train.log_every=1", "train.save_every=0", "train.precision=fp32",
-        "train.threads=1", "train.lr=0.001", *extra])
-
-
-def logged_losses(output):
-    return [(r["step"], r["loss"]) for r in read_metrics(output / "metrics.jsonl")]
+# `world` (the synthetic shards and micro model these tests train on) is a fixture in conftest.py
 
 
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):

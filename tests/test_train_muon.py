@@ -2,13 +2,13 @@
 import pytest
 import torch
 
+from helpers import CPU, config
 from mmssl.cli import main
 from mmssl.config import load_config
 from mmssl.models import create_model
 from mmssl.train.loop import build_trainer, train
 from mmssl.train.muon import MuonAdamW, is_block_matrix, orthogonalize
 from mmssl.train.optim import build_optimizer, build_scheduler
-from test_train_loop import CPU, config, world  # noqa: F401  (world is a fixture)
 
 
 def test_orthogonalize_flattens_the_spectrum():
@@ -57,7 +57,7 @@ def test_muon_takes_the_block_matrices_and_follows_the_schedule():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * 2 / 10)
 
 
-def test_muon_run_learns_and_resumes_exactly(world, tmp_path):  # noqa: F811
+def test_muon_run_learns_and_resumes_exactly(world, tmp_path):
     args = ("train.steps=8", "train.optimizer=muon", "train.save_every=4")
     straight = train(config(world, tmp_path / "a", *args))
     assert straight.losses[-1] < straight.losses[0]
@@ -69,7 +69,7 @@ def test_muon_run_learns_and_resumes_exactly(world, tmp_path):  # noqa: F811
     assert resumed.losses == straight.losses[4:]
 
 
-def test_unknown_optimizer_is_one_line_and_exit_2(world, tmp_path, capfd):  # noqa: F811
+def test_unknown_optimizer_is_one_line_and_exit_2(world, tmp_path, capfd):
     code = main(["train", "--config", "tiny", f"data.train={world / 'syn' / 'train'}", "train.optimizer=sgd",
                  f"train.output={tmp_path}"])
     err = capfd.readouterr().err.strip()
