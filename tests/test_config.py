@@ -1,6 +1,7 @@
 import pytest
+import yaml
 
-from mmssl.config import ExperimentConfig, load_config, to_dict
+from mmssl.config import ExperimentConfig, from_dict, load_config, to_dict
 from mmssl.errors import UserError
 
 
@@ -47,7 +48,54 @@ def test_bad_override_syntax_and_missing_file():
         load_config("no/such/file.yaml")
 
 
+# every key of every section set away from its default (valid together), for the round trips
+NON_DEFAULT = {
+    "model": {"name": "ViT-B-32", "pretrained": "weights/model.pt", "hf_text": "hf/minilm", "lock_image": True,
+              "lock_image_unlocked_groups": 2, "lock_text": True, "lock_text_unlocked_layers": 1,
+              "grad_checkpointing": True, "patch_dropout": 0.5},
+    "data": {"train": ["shards/a", "shards/b"], "train_weights": [1.0, 3.0], "val": "shards/val",
+             "resampled": True, "shuffle_buffer": 50, "workers": 0, "augment": True, "allow_remote": True},
+    "loss": {"kind": "siglip", "local_loss": True, "gather_with_grad": True, "mlm_weight": 0.5,
+             "inpaint_weight": 0.25},
+    "heads": {"mlm": {"mask_prob": 0.3, "replace_mask": 0.7, "replace_random": 0.2},
+              "inpaint": {"mode": "shared", "mask_ratio": 0.5, "decoder_depth": 1, "decoder_width": 64,
+                          "decoder_heads": 2, "norm_pix_loss": False, "unmasked_tune_steps": 5}},
+    "train": {"output": "runs/x", "steps": 50, "batch_size": 32, "accum_steps": 4, "optimizer": "muon",
+              "lr": 0.002, "muon_lr": 0.01, "weight_decay": 0.05, "beta1": 0.8, "beta2": 0.95, "eps": 1e-8,
+              "warmup": 5, "grad_clip": None, "precision": "bf16", "compile": True, "seed": 7, "log_every": 2,
+              "save_every": 10, "val_every": 5, "resume": "latest", "overwrite": False, "keep_checkpoints": 3,
+              "tensorboard": True, "threads": 2},
+}
+AT_DEFAULT = {"train.overwrite"}  # train.resume is set, and a run takes only one of the two
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def test_round_trip_through_dict():
     config = load_config("tiny")
     assert to_dict(config)["model"]["name"] == "tiny-vit-64"
     assert isinstance(ExperimentConfig().train.steps, int)
+    # the sample names every key, and each one (but AT_DEFAULT) away from its default
+    defaults, sample = _flat(to_dict(ExperimentConfig())), _flat(NON_DEFAULT)
+    assert sorted(sample) == sorted(defaults)
+    assert [key for key in defaults if (sample[key] == defaults[key]) != (key in AT_DEFAULT)] == []
+    # dict -> config -> dict, and config -> dict -> config
+    config = from_dict(ExperimentConfig, NON_DEFAULT)
+    assert to_dict(config) == NON_DEFAULT
+    assert from_dict(ExperimentConfig, to_dict(config)) == config
+    assert config != ExperimentConfig()
+
+
+def test_round_trip_through_a_yaml_file(tmp_path):
+    config = from_dict(ExperimentConfig, NON_DEFAULT)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    assert load_config(path) == config
