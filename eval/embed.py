@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from mmssl.errors import UserError
-from mmssl.models.factory import checkpoint_file
+from mmssl.models.refs import checkpoint_ref
 
-OPENCLIP_PREFIX = "openclip:"
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -58,36 +57,19 @@ def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
     import mmssl
     from mmssl.models import image_transform
 
-    source = resolve_checkpoint(checkpoint)
-    model = mmssl.create_model(source).eval()
+    ref = checkpoint_ref(checkpoint)
+    model = mmssl.create_model(ref).eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if source.startswith(OPENCLIP_PREFIX):
-        pretrained = source[len(OPENCLIP_PREFIX):].partition(":")[2] or "random-init"
-    else:
-        pretrained = source
     return LoadedModel(
         model=model,
         tokenizer=model.tokenizer,
         transform=image_transform(model, train=False),
         name=getattr(model, "model_name", type(model).__name__),
-        pretrained=pretrained,
+        pretrained=ref.pretrained,
         device=device,
         autocast_dtype=autocast_dtype(precision, device),
     )
-
-
-def resolve_checkpoint(checkpoint: str) -> str:
-    """The file to load; a training output folder means its checkpoints/latest.pt."""
-    if checkpoint.startswith(OPENCLIP_PREFIX):
-        weights = checkpoint[len(OPENCLIP_PREFIX):].partition(":")[2]
-        if weights and not Path(weights).is_file():
-            raise UserError(f"weights file not found: {weights}")
-        return checkpoint
-    path = checkpoint_file(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {checkpoint} (a .pt file, a run folder, or openclip:NAME[:WEIGHTS])")
-    return str(path)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

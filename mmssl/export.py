@@ -47,9 +47,14 @@ def handle(args: argparse.Namespace) -> int:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str | None = None) -> list[Path]:
     """Export the checkpoint's dual encoder to `out`; returns the files written."""
+    from mmssl.errors import UserError
     from mmssl.models.factory import load_checkpoint_model
+    from mmssl.models.refs import checkpoint_ref
 
-    model = load_checkpoint_model(checkpoint)
+    ref = checkpoint_ref(checkpoint)
+    if not ref.is_checkpoint:
+        raise UserError(f"--checkpoint {checkpoint}: export takes an mmssl checkpoint or a run folder")
+    model = load_checkpoint_model(ref.path)
     return export_model(model, out, name=name or model.model_name)
 
 

@@ -52,6 +52,7 @@ def run_build(args: argparse.Namespace) -> int:
     from eval.index.collection import from_embeddings, from_shards
     from eval.index.store import save_index_folder
     from mmssl.errors import require
+    from mmssl.models.refs import checkpoint_ref
 
     require((args.data is None) != (args.embeddings is None), "give exactly one of --data or --embeddings")
     require(args.data is None or args.checkpoint is not None, "--data needs --checkpoint to embed the images")
@@ -60,7 +61,7 @@ def run_build(args: argparse.Namespace) -> int:
     require(0.0 < args.recall_target <= 1.0, f"--recall-target must be in (0, 1], got {args.recall_target}")
     require(args.batch_size > 0 and args.workers >= 0, "--batch-size must be > 0 and --workers >= 0")
     parse_memory(args.memory_budget)
-    model = model_reference(args.checkpoint) if args.checkpoint else None
+    model = checkpoint_ref(args.checkpoint).canonical if args.checkpoint else None  # what index_info.json records
 
     if args.data is not None:
         from eval.index.query import load_query_model
@@ -85,17 +86,6 @@ def run_build(args: argparse.Namespace) -> int:
           f"~{built['memory_estimate_bytes'] / 2**20:.1f} MiB, built in {info['timings_s']['total']:.1f} s "
           f"-> {Path(args.out) / 'index_info.json'}")
     return 0
-
-
-def model_reference(checkpoint: str) -> str:
-    """What index_info.json records: an absolute checkpoint path, or the openclip: spec."""
-    from eval.embed import OPENCLIP_PREFIX, resolve_checkpoint
-
-    resolved = resolve_checkpoint(checkpoint)
-    if resolved.startswith(OPENCLIP_PREFIX):
-        name, sep, weights = resolved[len(OPENCLIP_PREFIX):].partition(":")
-        return f"{OPENCLIP_PREFIX}{name}{sep}{Path(weights).resolve() if weights else ''}"
-    return str(Path(resolved).resolve())
 
 
 def _check_model_dim(model: str, dim: int) -> None:

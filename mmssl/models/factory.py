@@ -25,12 +25,20 @@ from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
 from mmssl.errors import UserError
 from mmssl.models.hf_text import hf_text_cfg, quiet_transformers
 from mmssl.models.locking import apply_locking
+from mmssl.models.refs import (
+    CHECKPOINT_SUFFIXES,
+    ModelRef,
+    missing_keys,
+    parse_ref,
+    read_checkpoint,
+    read_torch_file,
+    require_file,
+    unreadable,
+)
 from mmssl.models.tokenizers import build_tokenizer
 
 # the installed `mmssl.configs` package (the repo's configs/ in an editable install, mmssl/configs in a wheel)
 MODEL_CONFIG_DIR = BUNDLED_DIR / "models"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-OPENCLIP_PREFIX = "openclip:"
 
 
 def list_models() -> list[str]:
@@ -58,55 +66,30 @@ def create_model(config_or_name: Any, *, siglip: bool = False, **overrides) -> t
     as in open_clip's SigLIP configs). A checkpoint path (`.pt`) rebuilds the model from the
     checkpoint's `config["model"]`, loads its `model` state dict, ignores auxiliary `heads`, and
     returns it in eval mode; a training run folder means its `checkpoints/latest.pt`. `"openclip:NAME[:WEIGHTS]"` builds open_clip's NAME with optional
-    local open_clip-format weights.
+    local open_clip-format weights. A string is parsed by `mmssl.models.refs.parse_ref` (a `ModelRef`
+    is taken as is).
     """
     if isinstance(config_or_name, ModelConfig):
         return build_model(_with_overrides(config_or_name, overrides), siglip=siglip)
-    if isinstance(config_or_name, (str, Path)):
-        source = str(config_or_name)
-        if source.startswith(OPENCLIP_PREFIX):
-            name, _, weights = source[len(OPENCLIP_PREFIX):].partition(":")
-            model_cfg = ModelConfig(name=name, pretrained=weights or None)
-            return build_model(_with_overrides(model_cfg, overrides), siglip=siglip)
-        if Path(source).suffix in CHECKPOINT_SUFFIXES or Path(source).is_dir():
-            return load_checkpoint_model(source, **overrides)
-        return build_model(_with_overrides(ModelConfig(name=source), overrides), siglip=siglip)
+    if isinstance(config_or_name, (str, Path, ModelRef)):
+        ref = parse_ref(config_or_name).check()
+        if ref.is_checkpoint:
+            return load_checkpoint_model(ref.path, **overrides)
+        name = str(ref.path) if ref.kind == "config" else ref.name
+        model_cfg = ModelConfig(name=name, pretrained=str(ref.weights) if ref.weights else None)
+        return build_model(_with_overrides(model_cfg, overrides), siglip=siglip)
     raise UserError(f"cannot build a model from {type(config_or_name).__name__}: give a name, a ModelConfig or a path")
 
 
 def load_checkpoint_model(path: str | Path, **overrides) -> torch.nn.Module:
-    """The dual encoder saved in an mmssl checkpoint, in eval mode (auxiliary heads are dropped)."""
+    """The dual encoder saved in an mmssl checkpoint (file or run folder), in eval mode (auxiliary
+    heads are dropped)."""
     checkpoint = read_checkpoint(path)
     model_cfg = from_dict(ModelConfig, checkpoint["config"].get("model", {}), "model")
     model_cfg = _with_overrides(dataclasses.replace(model_cfg, pretrained=None), overrides)
     model = build_model(model_cfg, load_weights=False, siglip="logit_bias" in checkpoint["model"])
     model.load_state_dict(checkpoint["model"])
     return model.eval()
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The checkpoint file a user means: the path itself, or a training run folder's latest.pt."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
-            if candidate.exists():
-                return candidate
-        raise UserError(f"no checkpoint in {path} (expected checkpoints/latest.pt)")
-    return path
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """An mmssl checkpoint dict (`model`, `config`, ...), with a clear error for anything else."""
-    path = checkpoint_file(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors + plain data only
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    if not (isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint):
-        raise UserError(f"{path}: not an mmssl checkpoint (expected keys 'model' and 'config')")
-    return checkpoint
 
 
 def build_model(model_cfg: ModelConfig, load_weights: bool = True, siglip: bool = False) -> torch.nn.Module:
@@ -159,21 +142,18 @@ def export_model_config(oc_cfg: dict) -> dict:
 
 def load_pretrained(model: torch.nn.Module, path: str) -> None:
     """Load a local weights file: an mmssl checkpoint or an open_clip-format state dict."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"model.pretrained: weights file not found: {path}")
+    file = require_file(path, "weights file")
     if file.suffix in CHECKPOINT_SUFFIXES:
-        try:
-            payload = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a file it cannot read safely
-            raise UserError(f"model.pretrained: {path} is not a readable weights file ({type(err).__name__})") from None
-        if isinstance(payload, dict) and "model" in payload and "config" in payload:
+        payload = read_torch_file(file, "weights file")
+        if not missing_keys(payload):
             _load_state_dict(model, payload["model"], path)
             return
     try:
-        open_clip.load_checkpoint(model, str(file))
+        open_clip.load_checkpoint(model, str(file))  # open_clip's formats (.bin, .safetensors, DDP prefixes)
     except RuntimeError as err:
         raise UserError(f"model.pretrained: {path} does not fit this model ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # unpickling / safetensors errors for a file that is not weights
+        raise unreadable(path, "weights file", err) from None
 
 
 def _load_state_dict(model: torch.nn.Module, state_dict: dict, path: str) -> None:

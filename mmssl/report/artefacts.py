@@ -54,7 +54,7 @@ def read_artefacts(out: Path) -> Artefacts:
     found.plan = _read_json(out / "quickstart.json")
     checkpoint = out / "run" / "checkpoints" / "latest.pt"
     if checkpoint.exists():
-        from mmssl.models.factory import read_checkpoint
+        from mmssl.models.refs import read_checkpoint
 
         found.checkpoint = checkpoint.resolve()
         found.train_config = read_checkpoint(checkpoint)["config"]

@@ -15,7 +15,8 @@ unless `train.overwrite=true` (which removes only what a run writes); `resume=la
 to the newest readable `step_*.pt` when `latest.pt` is missing or unreadable, and says so.
 
 Everything stored is a tensor or plain Python data, so `torch.load(..., weights_only=True)` reads
-it, and a checkpoint from elsewhere cannot run code when loaded.
+it, and a checkpoint from elsewhere cannot run code when loaded. Reading one file, and the folder
+names, belong to `mmssl.models.refs`, shared with every other command that loads a checkpoint.
 """
 from __future__ import annotations
 
@@ -31,16 +32,17 @@ import numpy as np
 import torch
 
 from mmssl.errors import UserError
+from mmssl.models.refs import CHECKPOINT_DIR, LATEST, read_checkpoint
 
 CHECKPOINT_VERSION = 1
-LATEST = "latest.pt"
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step")  # what resuming needs from a checkpoint
 METRICS = "metrics.jsonl"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 _TMP_FILE = re.compile(r"^\.(step_\d+\.pt|latest\.pt)\.tmp\d+$")
 
 
 def checkpoint_dir(output: str | Path) -> Path:
-    return Path(output) / "checkpoints"
+    return Path(output) / CHECKPOINT_DIR
 
 
 def checkpoint_path(output: str | Path, step: int) -> Path:
@@ -197,16 +199,8 @@ def find_resume(resume: str, output: str | Path) -> Optional[tuple[Path, dict]]:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: tell the user which one
-        raise UserError(f"cannot read checkpoint {path}: {err.__class__.__name__}: {_first_line(err)}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} is not an mmssl training checkpoint (not a dict)")
-    missing = {"model", "optimizer", "scheduler", "step"} - set(state)
-    if missing:
-        raise UserError(f"{path} is not an mmssl training checkpoint (missing {', '.join(sorted(missing))})")
-    return state
+    """One training checkpoint file, with everything resuming needs (UserError otherwise)."""
+    return read_checkpoint(path, TRAINING_KEYS)
 
 
 def _os_reason(err: BaseException) -> str | None:
