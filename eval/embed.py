@@ -9,6 +9,7 @@ The time spent inside the encoders is recorded so benchmarks can report the load
 """
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from mmssl import precision as precision_policy
 from mmssl.errors import UserError
+from mmssl.precision import default_device
 from mmssl.models.refs import checkpoint_ref
 
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -59,7 +61,7 @@ def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
 
     ref = checkpoint_ref(checkpoint)
     model = mmssl.create_model(ref).eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model.to(device)
     return LoadedModel(
         model=model,
@@ -73,17 +75,12 @@ def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX) for "auto"; None means fp32."""
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else None
+    """The autocast dtype for an eval `--precision` on this device (None: fp32); see `mmssl.precision`."""
+    resolved = precision_policy.resolve_precision(precision, device, "--precision")
+    note = precision_policy.emulation_note(resolved, device, "--precision")
+    if note:
+        sys.stderr.write(note + "\n")
+    return precision_policy.autocast_dtype(resolved)
 
 
 def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2, allow_remote: bool = False):
