@@ -18,7 +18,6 @@ Layout of DIR (every path below is what some step's flags name):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mmssl.errors import UserError
+from mmssl.models.refs import run_checkpoint
 
 CONFIG = "quickstart"  # configs/quickstart.yaml, found through the bundled-config lookup
 PLAN_FILE = "quickstart.json"
@@ -96,7 +96,7 @@ def register(subparsers) -> None:
 def plan(out: Path, profile: Profile) -> list[Step]:
     """The chain of command lines for one output folder."""
     data, run_dir, evals, search = out / "data", out / "run", out / "eval", out / "search"
-    checkpoint = str(run_dir / "checkpoints" / "latest.pt")
+    checkpoint = str(run_checkpoint(run_dir))
     steps = [
         Step("prep", "Generate the synthetic world (train, val, heldout shards)",
              ["prep", "synthetic", "--out", str(data), "--num-train", str(profile.num_train),

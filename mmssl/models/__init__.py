@@ -1,21 +1,24 @@
 """Dual encoders: open_clip architectures built from names, JSON configs or mmssl checkpoints
-(every way to name one, and the checkpoint reader: `mmssl.models.refs`)."""
-from mmssl.models.factory import (
-    create_model,
-    list_models,
-    register_with_open_clip,
-    resolve_model_config,
-)
-from mmssl.models.refs import ModelRef, parse_ref, read_checkpoint
-from mmssl.models.transforms import image_transform
+(every way to name one, and the checkpoint reader: `mmssl.models.refs`).
 
-__all__ = [
-    "create_model",
-    "image_transform",
-    "list_models",
-    "ModelRef",
-    "parse_ref",
-    "read_checkpoint",
-    "register_with_open_clip",
-    "resolve_model_config",
-]
+The names below load on first use, so light callers (`mmssl.models.refs` from the quickstart, which
+must not load torch before it sets OMP_WAIT_POLICY) do not pull in torch and open_clip.
+"""
+import importlib
+
+_HOMES = {
+    "create_model": "factory", "list_models": "factory", "register_with_open_clip": "factory",
+    "resolve_model_config": "factory",
+    "ModelRef": "refs", "parse_ref": "refs", "read_checkpoint": "refs",
+    "image_transform": "transforms",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mmssl.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mmssl.models.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

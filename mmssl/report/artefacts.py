@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmssl.errors import UserError
+from mmssl.models.refs import run_checkpoint
 
 
 @dataclass
@@ -52,7 +53,7 @@ def read_artefacts(out: Path) -> Artefacts:
     found.retrieval = _read_json(out / "eval" / "retrieval_val.json")
     found.searches = [_read_json(path) for path in sorted((out / "search").glob("*.json"))]
     found.plan = _read_json(out / "quickstart.json")
-    checkpoint = out / "run" / "checkpoints" / "latest.pt"
+    checkpoint = run_checkpoint(out / "run")
     if checkpoint.exists():
         from mmssl.models.refs import read_checkpoint
 
