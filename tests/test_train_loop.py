@@ -13,6 +13,7 @@ import torch
 
 from helpers import CPU, config, logged_losses
 from mmssl.cli import main
+from mmssl.config import to_dict
 from mmssl.objective import Objective
 from mmssl.train.loop import Trainer, TrainingDiverged, build_trainer, train
 from mmssl.train.metrics import read_metrics
@@ -29,7 +30,7 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     # the interrupted run: stop after 20 steps, then resume from latest for the remaining 20
     (tmp_path / "c").mkdir()
     first = build_trainer(config(world, tmp_path / "c", "train.steps=40", "train.save_every=20"), CPU)
-    first.cfg.train.steps = 20
+    first.cfg.steps = 20
     first.fit()
     resumed = train(config(world, tmp_path / "c", "train.steps=40", "train.resume=latest"))
     assert resumed.losses == straight.losses[20:]
@@ -99,7 +100,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
     cfg = config(world, tmp_path, "train.steps=10", "train.save_every=2")
     trainer = build_trainer(cfg, CPU)
     nan_objective = NanAtStep(trainer.objective.model, cfg)
-    trainer = Trainer(cfg, CPU, nan_objective, trainer.loader)
+    trainer = Trainer(cfg.train, CPU, nan_objective, trainer.loader, config_record=to_dict(cfg))
     with pytest.raises(TrainingDiverged, match=r"at step 5: loss is nan .*step_000004\.pt"):
         trainer.fit()
     folder = tmp_path / "checkpoints"

@@ -63,7 +63,7 @@ def test_muon_run_learns_and_resumes_exactly(world, tmp_path):
     assert straight.losses[-1] < straight.losses[0]
     (tmp_path / "b").mkdir()
     first = build_trainer(config(world, tmp_path / "b", *args), CPU)
-    first.cfg.train.steps = 4
+    first.cfg.steps = 4
     first.fit()
     resumed = train(config(world, tmp_path / "b", *args, "train.resume=latest"))
     assert resumed.losses == straight.losses[4:]
