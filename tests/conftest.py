@@ -28,6 +28,14 @@ def one_thread():
 # ---------------------------------------------------------------- training on a synthetic world
 
 @pytest.fixture(scope="module")
+def micro_json(tmp_path_factory):
+    """Path (str) of helpers.MICRO_MODEL written as a model config, for `model.name=` / `create_model`."""
+    from helpers import write_micro_model
+
+    return str(write_micro_model(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """400 train / 48 val synthetic samples and the micro model config (`micro.json`), one per test
     module; `helpers.config(world, output, ...)` trains on it in seconds."""

@@ -5,25 +5,19 @@ contrastive loss plus every head: the objective draws the step's masks once for 
 every auxiliary term is additive over micro-batches.
 """
 import dataclasses
-import json
 
 import pytest
 import torch
 from torch import nn
 
 import mmssl
+from helpers import CPU
 import mmssl.objective as objective_module
 from mmssl.config import LossConfig, load_config, to_dict
 from mmssl.objective import Objective, Term
 from mmssl.train.accumulate import accumulated_backward
-from mmssl.train.distributed import DistEnv
 from mmssl.train.loop import Trainer
 
-MICRO = {  # tiny-vit-64's shape at a fraction of its cost: these tests are about the bookkeeping
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 HEADS = ["heads.inpaint.decoder_width=32", "heads.inpaint.decoder_depth=1", "heads.inpaint.decoder_heads=2",
          "heads.mlm.mask_prob=0.3"]
 SETTINGS = {
@@ -37,11 +31,6 @@ SETTINGS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def micro_json(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "micro.json"
-    path.write_text(json.dumps(MICRO))
-    return str(path)
 
 
 def build(micro_json, *overrides, **model_overrides):
@@ -67,7 +56,9 @@ def grads(module):
 def assert_same_grads(accumulated, full):
     assert accumulated.keys() == full.keys() and len(full) > 30
     for name, grad in full.items():
-        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 summation order differs: allow rounding at 1e-5 of the tensor's largest entry
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=max(1e-5 * scale, 1e-8), msg=name)
 
 
 def one_step(objective, images, texts, micro_batches, seed=7):
@@ -159,8 +150,7 @@ def test_a_new_term_is_one_entry_in_the_objective_and_one_config_field(micro_jso
     assert_same_grads(split, full)
     assert full["heads.dummy.weight"].abs().sum() > 0
 
-    cpu = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer = Trainer(cfg.train, cpu, objective, loader=None, config_record=to_dict(cfg))
+    trainer = Trainer(cfg.train, CPU, objective, loader=None, config_record=to_dict(cfg))
     values = trainer.train_step(images, texts)
     assert set(values) == {"contrastive_loss", "mlm_loss", "dummy_loss", "loss"}
     assert objective.heads_state_dict()["dummy"]["weight"].shape == (1, 32)

@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmssl
+from helpers import MICRO_MODEL, micro_model_config, write_micro_model
 from mmssl.cli import main as cli_main
 from mmssl.config import load_config, to_dict
 from mmssl.errors import UserError
@@ -17,11 +18,6 @@ from mmssl.losses import ClipLoss
 from mmssl.objective import Objective
 from mmssl.train.optim import build_optimizer
 
-MICRO = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
 HEADS = ["heads.inpaint.decoder_width=32", "heads.inpaint.decoder_depth=1", "heads.inpaint.decoder_heads=2"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,9 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def micro_json(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "micro.json"
-    path.write_text(json.dumps(MICRO))
-    return str(path)
+    """MICRO_MODEL with a wider, one-layer text tower: the learning checks below were tuned on it."""
+    cfg = micro_model_config(text={"width": 64, "layers": 1})
+    return str(write_micro_model(tmp_path_factory.mktemp("models"), cfg))
+
+
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,7 @@ def test_config_errors(micro_json, tmp_path):
     with pytest.raises(UserError, match=r"bad value for loss.kind: 'sigmoid' \(must be one of clip, siglip\)"):
         build(micro_json, "loss.kind=sigmoid")
     resnet = tmp_path / "resnet.json"
-    resnet.write_text(json.dumps({**MICRO, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}))
+    resnet.write_text(json.dumps({**MICRO_MODEL, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}))
     config = tmp_path / "exp.yaml"
     config.write_text(f"model:\n  name: {resnet}\nloss:\n  inpaint_weight: 1.0\ntrain:\n  output: {tmp_path}/run\n")
     assert cli_main(["train", "--config", str(config)]) == 2
@@ -131,7 +129,7 @@ def test_config_errors(micro_json, tmp_path):
 
 def test_non_vit_inpainting_message(micro_json, tmp_path, capsys):
     resnet = tmp_path / "resnet.json"
-    resnet.write_text(json.dumps({**MICRO, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}))
+    resnet.write_text(json.dumps({**MICRO_MODEL, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}))
     config = tmp_path / "exp.yaml"
     config.write_text(f"model:\n  name: {resnet}\nloss:\n  inpaint_weight: 1.0\ntrain:\n  output: {tmp_path}/run\n")
     assert cli_main(["train", "--config", str(config)]) == 2

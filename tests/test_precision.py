@@ -62,18 +62,13 @@ def test_eval_and_validation_use_the_same_policy(cpu_bf16):
     assert ZeroShotValidation("unused", CPU, "fp32").autocast_dtype is None
 
 
-def test_the_objective_runs_towers_in_bf16_and_the_loss_in_fp32(tmp_path):
-    import json
-
+def test_the_objective_runs_towers_in_bf16_and_the_loss_in_fp32(micro_json):
     import mmssl
     from mmssl.objective import Objective
 
-    micro = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "m.json").write_text(json.dumps(micro))
-    cfg = load_config(None, [f"model.name={tmp_path / 'm.json'}", "loss.mlm_weight=1"])
+    cfg = load_config(None, [f"model.name={micro_json}", "loss.mlm_weight=1"])
     objective = Objective(mmssl.create_model(cfg.model), cfg, precision="bf16")
-    images, texts = torch.randn(4, 3, 16, 16), torch.randint(1, 49000, (4, 8))
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 49000, (4, 16))
     draws = objective.draw(images, texts)
     outputs = objective.encode(images, texts, draws)
     assert outputs["image_features"].dtype == torch.bfloat16

@@ -7,7 +7,7 @@ and transform, corrupt samples skipped and counted (`samples`) -> tokenised batc
 The names below load on first use, so importing a light leaf module (`mmssl.data.urls`,
 `mmssl.data.image_guard`) from the command-line parser does not load torch.
 """
-import importlib
+from mmssl.lazy import lazy_names
 
 _HOMES = {
     "EvalBatch": "eval_loader", "EvalLoader": "eval_loader", "build_eval_loader": "eval_loader",
@@ -18,10 +18,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'mmssl.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mmssl.data.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())

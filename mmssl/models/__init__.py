@@ -4,7 +4,7 @@
 The names below load on first use, so light callers (`mmssl.models.refs` from the quickstart, which
 must not load torch before it sets OMP_WAIT_POLICY) do not pull in torch and open_clip.
 """
-import importlib
+from mmssl.lazy import lazy_names
 
 _HOMES = {
     "create_model": "factory", "list_models": "factory", "register_with_open_clip": "factory",
@@ -15,10 +15,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'mmssl.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mmssl.models.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())

@@ -1,6 +1,6 @@
 """Periodic zero-shot validation during training, borrowed from the `eval` package when present.
 
-This is the one place `mmssl` reaches into `eval` (DESIGN.md): the import happens inside the
+This is the one place `mmssl` reaches into `eval` (docs/design.md): the import happens inside the
 call, so a training-only install (no `eval` package) trains fine and just says once that
 validation is skipped.
 """
