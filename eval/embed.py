@@ -19,9 +19,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from mmssl import precision as precision_policy
+from mmssl.train import policy
 from mmssl.errors import UserError
-from mmssl.precision import default_device
 from mmssl.models.refs import checkpoint_ref
 
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -61,7 +60,7 @@ def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
 
     ref = checkpoint_ref(checkpoint)
     model = mmssl.create_model(ref).eval()
-    device = default_device()
+    device = policy.default_device()
     model.to(device)
     return LoadedModel(
         model=model,
@@ -75,12 +74,12 @@ def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for an eval `--precision` on this device (None: fp32); see `mmssl.precision`."""
-    resolved = precision_policy.resolve_precision(precision, device, "--precision")
-    note = precision_policy.emulation_note(resolved, device, "--precision")
+    """The autocast dtype for an eval `--precision` on this device (None: fp32); see `mmssl.train.policy`."""
+    resolved = policy.resolve_precision(precision, device, "--precision")
+    note = policy.emulation_note(resolved, device, "--precision")
     if note:
         sys.stderr.write(note + "\n")
-    return precision_policy.autocast_dtype(resolved)
+    return policy.autocast_dtype(resolved)
 
 
 def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2, allow_remote: bool = False):

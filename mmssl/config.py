@@ -29,7 +29,7 @@ BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 LOSS_KINDS = ("clip", "siglip")
 INPAINT_MODES = ("separate", "shared")
 OPTIMIZERS = ("adamw", "muon")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means, and the device policy: mmssl.precision
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means, and the device policy: mmssl.train.policy
 
 
 def check_values(section: str, values, rules) -> None:

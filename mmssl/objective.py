@@ -19,7 +19,7 @@ Two rules keep accumulation over micro-batches exact (`mmssl.train.accumulate`):
   the whole batch's mean (normalised by the whole batch's count, e.g. `Draws.batch_size`).
 
 Precision: the towers and heads run under the run's autocast; the contrastive loss and the total run
-in fp32 (`mmssl.precision`).
+in fp32 (`mmssl.train.policy`).
 
 Inpainting modes: `separate` gives the masked image its own encoder pass; `shared` (FLIP) encodes
 only the visible patches once and feeds that to both the contrastive loss and the decoder. In shared
@@ -40,7 +40,7 @@ from mmssl.heads import InpaintHead, MLMHead
 from mmssl.heads.vit_tokens import encode_visible
 from mmssl.losses import ClipLoss, SigLipLoss
 from mmssl.models.text_trim import encode_text
-from mmssl.precision import autocast
+from mmssl.train.policy import autocast
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Objective(nn.Module):
     """Dual encoder + heads + contrastive loss; `forward(images, texts, step)` -> dict of terms.
 
     `cfg` is the experiment config: its `loss` and `heads` sections and `train.steps` (for FLIP's
-    unmasked tuning). `precision` is a resolved name from `mmssl.precision` (fp32 | bf16 | fp16).
+    unmasked tuning). `precision` is a resolved name from `mmssl.train.policy` (fp32 | bf16 | fp16).
     """
 
     def __init__(self, model: nn.Module, cfg, rank: int = 0, world_size: int = 1, precision: str = "fp32"):

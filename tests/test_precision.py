@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import mmssl.precision as policy
+import mmssl.train.policy as policy
 from mmssl.config import load_config
 from mmssl.errors import UserError
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmssl.precision import default_device
+from mmssl.train.policy import default_device
 
 
 @dataclass(frozen=True)

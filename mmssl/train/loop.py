@@ -38,7 +38,7 @@ import torch
 from mmssl.config import ExperimentConfig, TrainConfig, to_dict
 from mmssl.errors import UserError
 from mmssl.losses import clamp_logit_scale
-from mmssl.precision import compute_dtype, default_device, emulation_note, grad_scaler, resolve_precision
+from mmssl.train.policy import compute_dtype, default_device, emulation_note, grad_scaler, resolve_precision
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.accumulate import accumulated_backward
 from mmssl.train.allocator import keep_freed_memory

@@ -6,7 +6,7 @@ shape within the tiny config's 300 steps, supervised and contrastive (figures: d
 "Learning check").
 Muon (K. Jordan et al., 2024) replaces each matrix's update by the nearest semi-orthogonal
 matrix to its Nesterov momentum (a quintic Newton-Schulz iteration, run in bf16 where the hardware
-has it natively and in fp32 elsewhere: `mmssl.precision.fast_matmul_dtype`), so every direction of
+has it natively and in fp32 elsewhere: `mmssl.train.policy.fast_matmul_dtype`), so every direction of
 the matrix moves at the same rate instead of the few dominant ones.
 Embeddings, the patch convolution, projections, norms, biases and the temperature are not
 block matrices and keep AdamW (with CLIP's decay split), as the method prescribes.

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from mmssl.precision import fast_matmul_dtype
+from mmssl.train.policy import fast_matmul_dtype
 from mmssl.train.muon import MuonAdamW, is_block_matrix
 
 NO_DECAY_NAMES = ("logit_scale", "logit_bias")

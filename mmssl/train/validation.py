@@ -10,14 +10,14 @@ import sys
 
 import torch
 
-from mmssl.precision import autocast_dtype
+from mmssl.train.policy import autocast_dtype
 
 
 class ZeroShotValidation:
     """`__call__(model) -> {"acc1", "acc5", "mean_per_class_recall"}` on a labelled shard set."""
 
     def __init__(self, data: str, device: torch.device, precision: str = "fp32", allow_remote: bool = False):
-        """`precision`: the run's resolved precision (`mmssl.precision`); validation runs in it too."""
+        """`precision`: the run's resolved precision (`mmssl.train.policy`); validation runs in it too."""
         self.data, self.allow_remote = data, allow_remote
         self.device = device
         self.autocast_dtype = autocast_dtype(precision)
