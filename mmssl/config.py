@@ -43,7 +43,8 @@ def _finite_positive(value) -> bool:
     return value > 0 and math.isfinite(value)
 
 
-def _one_of(options) -> str:
+def one_of(options) -> str:
+    """The reason a value outside `options` is refused, as every section words it."""
     return f"must be one of {', '.join(options)}"
 
 
@@ -101,7 +102,7 @@ class LossConfig:
 
     def __post_init__(self):
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
-        check_values("loss", self, [("kind", self.kind in LOSS_KINDS, _one_of(LOSS_KINDS))] + [
+        check_values("loss", self, [("kind", self.kind in LOSS_KINDS, one_of(LOSS_KINDS))] + [
             (name, getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), "must be >= 0 (0: off)")
             for name in weights])
 
@@ -133,7 +134,7 @@ class InpaintHeadConfig:
 
     def __post_init__(self):
         check_values("heads.inpaint", self, [
-            ("mode", self.mode in INPAINT_MODES, _one_of(INPAINT_MODES)),
+            ("mode", self.mode in INPAINT_MODES, one_of(INPAINT_MODES)),
             ("mask_ratio", 0.0 < self.mask_ratio < 1.0, "must be in (0, 1)"),
             ("decoder_depth", self.decoder_depth >= 1, "must be >= 1"),
             ("decoder_heads", self.decoder_heads >= 1, "must be >= 1"),
@@ -183,7 +184,7 @@ class TrainConfig:
             ("steps", self.steps >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("accum_steps", 1 <= self.accum_steps <= self.batch_size, "must be between 1 and train.batch_size"),
-            ("optimizer", self.optimizer in OPTIMIZERS, _one_of(OPTIMIZERS)),
+            ("optimizer", self.optimizer in OPTIMIZERS, one_of(OPTIMIZERS)),
             ("lr", _finite_positive(self.lr), "must be a positive number"),
             ("muon_lr", _finite_positive(self.muon_lr), "must be a positive number"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
@@ -192,7 +193,7 @@ class TrainConfig:
             ("eps", self.eps > 0, "must be > 0"),
             ("warmup", self.warmup >= 0, "must be >= 0"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 (or null for no clipping)"),
-            ("precision", self.precision in PRECISIONS, _one_of(PRECISIONS)),
+            ("precision", self.precision in PRECISIONS, one_of(PRECISIONS)),
             ("precision", not (self.precision == "fp16" and self.accum_steps > 1),
              "fp16's loss scaling cannot be combined with train.accum_steps > 1; use bf16"),
             ("log_every", self.log_every >= 1, "must be >= 1"),

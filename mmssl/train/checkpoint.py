@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mmssl.errors import UserError
-from mmssl.models.refs import CHECKPOINT_DIR, LATEST, read_checkpoint
+from mmssl.models.refs import CHECKPOINT_DIR, LATEST, read_checkpoint, run_checkpoint
 
 CHECKPOINT_VERSION = 1
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step")  # what resuming needs from a checkpoint
@@ -172,7 +172,7 @@ def find_resume(resume: str, output: str | Path) -> Optional[tuple[Path, dict]]:
         if not path.is_file():
             raise UserError(f"train.resume: checkpoint not found: {resume}")
         return path.resolve(), load_checkpoint(path)
-    latest = checkpoint_dir(output) / LATEST
+    latest = run_checkpoint(output)
     problem = None
     if latest.exists():
         try:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from mmssl.config import PRECISIONS
+from mmssl.config import PRECISIONS, one_of
 from mmssl.errors import UserError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +52,7 @@ def resolve_precision(precision: str, device: torch.device, key: str = "train.pr
     An explicit `bf16` on a CPU without native bf16 runs (it is what was asked; see `emulation_note`).
     """
     if precision not in PRECISIONS:
-        raise UserError(f"bad value for {key}: {precision!r} (expected one of {', '.join(PRECISIONS)})")
+        raise UserError(f"bad value for {key}: {precision!r} ({one_of(PRECISIONS)})")
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
