@@ -124,10 +124,12 @@ def matmul_peaks(size: int = 2048, repeats: int = 10) -> dict:
     """GFLOP/s of a size x size matmul in bf16 and fp32 (best of `repeats`, after a warm-up)."""
     import torch
 
+    from mmssl.train.policy import native_bf16
+
     peaks = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            size_here = 256   # emulated bf16 (no AVX512-BF16 / AMX): ~0.3 GFLOP/s, a 2048^2 product takes a minute
+        if dtype == torch.bfloat16 and not native_bf16(torch.device("cpu")):
+            size_here = 256   # emulated bf16 (no AVX512-BF16 / AMX): ~1 GFLOP/s, so one 2048^2 product takes ~15 s
         else:
             size_here = size
         a, b = torch.randn(size_here, size_here, dtype=dtype), torch.randn(size_here, size_here, dtype=dtype)
