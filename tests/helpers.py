@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -19,9 +20,32 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import pytest
+
 from mmssl.config import load_config
 from mmssl.train.distributed import DistEnv
 from mmssl.train.metrics import read_metrics
+
+# ---------------------------------------------------------------- anchors: the tools we interoperate with
+
+# isolated installs of the tools whose unmodified code the tests run against (`.ci/run` makes them
+# with `pip install --no-deps --target`; never importable from our own environment)
+ANCHORS = Path(os.environ.get("MMSSL_ANCHORS", Path(__file__).resolve().parents[1] / ".anchors"))
+ANCHOR_PACKAGES = {"clip_retrieval": "clip-retrieval==2.45.0",
+                   "clip_benchmark": "clip_benchmark==1.6.2 pycocoevalcap==1.2"}
+
+
+def anchor(name: str) -> Path:
+    """The folder of the isolated install `name` (a key of ANCHOR_PACKAGES). Missing: the test is
+    skipped on a developer's machine, and fails under CI, which always installs them."""
+    folder = ANCHORS / name
+    if not (folder / name).is_dir():
+        install = f"pip install --no-deps --target {folder} {ANCHOR_PACKAGES[name]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"anchor {name} is not installed at {folder} (.ci/run runs: {install})")
+        pytest.skip(f"anchor {name} not installed ({install})")
+    return folder
+
 
 # ---------------------------------------------------------------- the micro model and training
 
