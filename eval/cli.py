@@ -20,26 +20,36 @@ def register(subparsers) -> None:
 
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a labelled set")
     _add_model_options(zeroshot)
-    zeroshot.add_argument("--data", required=True, help="labelled shards (folder/pattern) or a class-folder tree")
+    zeroshot.add_argument("--data", required=True, help="labelled shards (folder/pattern), a CLIP_benchmark "
+                                                        "webdataset folder, or a class-folder tree")
+    _add_split_option(zeroshot)
     zeroshot.add_argument("--classnames", help="FILE, or imagenet|cifar10|cifar100 (default: DATA/classnames.txt, "
                                                "else the class folder names)")
-    zeroshot.add_argument("--templates", help="FILE (one template per line with {}), or openai|simple "
-                                              "(default: DATA/templates.txt, else openai)")
+    zeroshot.add_argument("--templates", help="FILE (one template per line with {} or {c}), or openai|simple "
+                                              "(default: DATA/templates.txt, or a CLIP_benchmark folder's "
+                                              "zeroshot_classification_templates.txt; else openai)")
     zeroshot.add_argument("--per-class", type=Path, help="write a per-class recall table (CSV)")
     zeroshot.add_argument("--confusion", type=Path, help="write a confusion-matrix image (PNG)")
     zeroshot.set_defaults(func=run_zeroshot_command)
 
     retrieval = tasks.add_parser("retrieval", help="image<->text retrieval on a captioned set")
     _add_model_options(retrieval)
-    retrieval.add_argument("--data", required=True, help="captioned shards (json 'captions' list, else .txt)")
+    retrieval.add_argument("--data", required=True, help="captioned shards (json 'captions' list, else .txt), "
+                                                         "or a CLIP_benchmark webdataset folder")
+    _add_split_option(retrieval)
     retrieval.set_defaults(func=run_retrieval_command)
 
     probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
     _add_model_options(probe)
-    probe.add_argument("--train", required=True, help="labelled training set")
-    probe.add_argument("--test", required=True, help="labelled test set")
+    probe.add_argument("--train", required=True, help="labelled training set (a CLIP_benchmark folder: its train split)")
+    probe.add_argument("--test", required=True, help="labelled test set (a CLIP_benchmark folder: its test split)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     probe.set_defaults(func=run_linear_probe_command)
+
+
+def _add_split_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default=None,
+                        help="the split folder of a CLIP_benchmark webdataset folder to read (default: test)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +69,8 @@ def run_zeroshot_command(args) -> int:
     from eval.zeroshot import run_zeroshot, write_confusion, write_per_class
 
     outcome = run_zeroshot(load_model(args.checkpoint, args.precision), args.data, args.classnames,
-                           args.templates, args.batch_size, args.workers, allow_remote=args.allow_remote)
+                           args.templates, args.batch_size, args.workers, allow_remote=args.allow_remote,
+                           split=args.split)
     if args.per_class:
         write_per_class(args.per_class, outcome["logits"], outcome["labels"], outcome["classnames"])
     if args.confusion:
@@ -72,7 +83,7 @@ def run_retrieval_command(args) -> int:
     from eval.retrieval import run_retrieval
 
     outcome = run_retrieval(load_model(args.checkpoint, args.precision), args.data, args.batch_size, args.workers,
-                            allow_remote=args.allow_remote)
+                            allow_remote=args.allow_remote, split=args.split)
     _emit(outcome["result"], args.output)
 
 

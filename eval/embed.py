@@ -82,19 +82,23 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return policy.autocast_dtype(resolved)
 
 
-def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2, allow_remote: bool = False):
-    """An iterable of `mmssl.data.EvalBatch` over shards (folder with manifest/tars, brace pattern)
-    or over an ImageNet-style class folder; it exposes `corrupt_count` and `num_samples`.
-    Remote shards are read only with `allow_remote` (see `mmssl.data.urls`)."""
+def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2, allow_remote: bool = False,
+                   split: Optional[str] = None):
+    """An iterable of `mmssl.data.EvalBatch` over shards (folder with manifest/tars, brace pattern,
+    a CLIP_benchmark folder's `split`) or over an ImageNet-style class folder; it exposes
+    `corrupt_count` and `num_samples`. Remote shards are read only with `allow_remote` (see
+    `mmssl.data.urls`)."""
     from mmssl.data import build_eval_loader
     from mmssl.data.urls import scheme_of
 
     if _is_class_folder(data):
+        if split is not None:
+            raise UserError(f"--split {split}: {data} is a class-folder tree; name the split's folder itself")
         return ClassFolderLoader(Path(data), transform, batch_size, workers)
     if "{" not in data and "::" not in data and scheme_of(data) is None and not Path(data).exists():
         raise UserError(f"data not found: {data}")
     return build_eval_loader(data, transform=transform, batch_size=batch_size, num_workers=workers,
-                             allow_remote=allow_remote)
+                             allow_remote=allow_remote, split=split)
 
 
 def embed_images(loaded: LoadedModel, batches, description: str = "images") -> Embedded:
@@ -178,9 +182,14 @@ def _progress(total: Optional[int], description: str, unit: str):
 
 
 def _is_class_folder(data: str) -> bool:
-    """A folder of class sub-folders (no shards, no manifest): CLIP_benchmark's / torchvision's layout."""
+    """A folder of class sub-folders (no shards, no manifest, not CLIP_benchmark's webdataset
+    layout): torchvision's ImageFolder layout."""
+    from mmssl.data.benchmark_layout import NSHARDS_FILE, is_root
+
     path = Path(data)
     if not path.is_dir() or (path / "manifest.json").exists() or any(path.glob("*.tar")):
+        return False
+    if is_root(path) or (path / NSHARDS_FILE).is_file():
         return False
     return any(child.is_dir() for child in path.iterdir())
 

@@ -95,15 +95,20 @@ def _best_of(grid_indices, score) -> int:
 
 def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, workers: int = 2,
                      seed: int = 0, allow_remote: bool = False) -> dict:
-    """Embed a labelled train and test set with a loaded model and probe; CLIP_benchmark-shaped result."""
+    """Embed a labelled train and test set with a loaded model and probe; CLIP_benchmark-shaped result.
+
+    A CLIP_benchmark folder given as `train` is read at its `train` split, as `test` at its `test`
+    split (the same folder may be both); name a split folder itself to read another split."""
     from eval.embed import embed_images, evaluation_mode, open_eval_data
+    from mmssl.data.benchmark_layout import default_split
     from mmssl.errors import UserError
 
     sets = {}
     for split, data in (("train", train), ("test", test)):
+        batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote,
+                                 default_split(data, split))
         with evaluation_mode(loaded.model):
-            embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers, allow_remote),
-                                    split)
+            embedded = embed_images(loaded, batches, split)
         if embedded.labels is None:
             raise UserError(f"{data}: samples carry no 'label' in their json; the linear probe needs labels")
         sets[split] = embedded

@@ -6,6 +6,7 @@ Every image is embedded once and every caption once; caption j remembers its ima
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -15,16 +16,17 @@ from mmssl.errors import UserError
 
 
 def run_retrieval(loaded: LoadedModel, data: str, batch_size: int = 256, workers: int = 2,
-                  ks=(1, 5, 10), allow_remote: bool = False) -> dict:
-    """Evaluate one captioned set; returns {"result": CLIP_benchmark-shaped dict, "embedded",
-    "text_features", "seconds", "model_seconds"}."""
+                  ks=(1, 5, 10), allow_remote: bool = False, split: Optional[str] = None) -> dict:
+    """Evaluate one captioned set (`split`: of a CLIP_benchmark folder); returns {"result":
+    CLIP_benchmark-shaped dict, "embedded", "text_features", "seconds", "model_seconds"}."""
     with evaluation_mode(loaded.model):
-        return _run_retrieval(loaded, data, batch_size, workers, ks, allow_remote)
+        return _run_retrieval(loaded, data, batch_size, workers, ks, allow_remote, split)
 
 
-def _run_retrieval(loaded, data, batch_size, workers, ks, allow_remote) -> dict:
+def _run_retrieval(loaded, data, batch_size, workers, ks, allow_remote, split) -> dict:
     start = time.perf_counter()
-    embedded = embed_images(loaded, open_eval_data(data, loaded.transform, batch_size, workers, allow_remote))
+    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, split)
+    embedded = embed_images(loaded, batches)
     captionless = sum(1 for captions in embedded.captions if not captions)
     if captionless:
         raise UserError(f"{data}: {captionless} of {len(embedded.keys)} samples have no caption; retrieval needs captions")

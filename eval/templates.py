@@ -52,12 +52,16 @@ def bundled_templates(name: str) -> Optional[tuple[Template, ...]]:
     return {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}.get(name)
 
 
-def load_classnames(spec: Optional[str], data_dir: Optional[Path], folder_classes: Sequence[str] = ()) -> list[str]:
-    """Class names from `spec` (a bundled name or a file); by default the data's classnames.txt,
-    else the class folder names of an ImageNet-style folder (underscores read as spaces)."""
+def load_classnames(spec: Optional[str], data_dir: Optional[Path], folder_classes: Sequence[str] = (),
+                    defaults: Optional[Sequence[str]] = None) -> list[str]:
+    """Class names from `spec` (a bundled name or a file); by default `defaults` (the names a
+    CLIP_benchmark folder ships), else the data's classnames.txt, else the class folder names of
+    an ImageNet-style folder (underscores read as spaces)."""
     if spec:
         names = bundled_classnames(spec)
         return list(names) if names is not None else _read_lines(Path(spec), "classnames")
+    if defaults:
+        return list(defaults)
     if data_dir is not None and (data_dir / CLASSNAMES_FILE).is_file():
         return _read_lines(data_dir / CLASSNAMES_FILE, "classnames")
     if folder_classes:
@@ -65,8 +69,12 @@ def load_classnames(spec: Optional[str], data_dir: Optional[Path], folder_classe
     raise UserError(f"no class names: {data_dir} has no {CLASSNAMES_FILE}; pass --classnames FILE|imagenet|cifar10|cifar100")
 
 
-def load_templates(spec: Optional[str], data_dir: Optional[Path]) -> list[Template]:
-    """Templates from `spec` (openai | simple | a file); by default the data's templates.txt, else openai."""
+def load_templates(spec: Optional[str], data_dir: Optional[Path],
+                   defaults: Optional[Sequence[str]] = None) -> list[Template]:
+    """Templates from `spec` (openai | simple | a file); by default the lines `defaults` (a
+    CLIP_benchmark folder's), else the data's templates.txt, else openai."""
+    if not spec and defaults:
+        return [template_from_text(line, "the data's templates") for line in defaults]
     if not spec:
         local = data_dir / TEMPLATES_FILE if data_dir is not None else None
         spec = str(local) if local is not None and local.is_file() else "openai"

@@ -18,6 +18,7 @@ import torch
 from eval.embed import Embedded, LoadedModel, embed_images, evaluation_mode, open_eval_data, precision_context
 from eval.metrics import classification_metrics, per_class_counts
 from eval.templates import Template, load_classnames, load_templates
+from mmssl.data.benchmark_layout import CLASSNAMES_FILE
 from mmssl.errors import UserError
 
 
@@ -56,18 +57,25 @@ def zeroshot_logits(image_features: np.ndarray, classifier) -> np.ndarray:
 
 def run_zeroshot(loaded: LoadedModel, data: str, classnames_spec: Optional[str] = None,
                  templates_spec: Optional[str] = None, batch_size: int = 256, workers: int = 2,
-                 allow_remote: bool = False) -> dict:
+                 allow_remote: bool = False, split: Optional[str] = None) -> dict:
     """Evaluate one labelled set; returns {"result": CLIP_benchmark-shaped dict, "logits", "labels",
-    "classnames", "embedded", "seconds", "model_seconds"}."""
+    "classnames", "embedded", "seconds", "model_seconds"}. `split`: of a CLIP_benchmark folder,
+    whose classnames.txt and zeroshot_classification_templates.txt are then the defaults."""
     with evaluation_mode(loaded.model):
-        return _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote)
+        return _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote,
+                             split)
 
 
-def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote) -> dict:
-    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote)
-    data_dir = _data_folder(data)
-    classnames = load_classnames(classnames_spec, data_dir, getattr(batches, "classes", ()))
-    templates = load_templates(templates_spec, data_dir)
+def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote, split) -> dict:
+    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, split)
+    benchmark = getattr(batches, "benchmark", None)
+    data_dir = None if benchmark else _data_folder(data)
+    names = benchmark.classnames() if benchmark and not classnames_spec else None
+    if benchmark and not classnames_spec and names is None:
+        raise UserError(f"{data}: no {CLASSNAMES_FILE} in {benchmark.root}; pass --classnames FILE")
+    classnames = load_classnames(classnames_spec, data_dir, getattr(batches, "classes", ()), defaults=names)
+    prompts = benchmark.templates() if benchmark and not templates_spec else None
+    templates = load_templates(templates_spec, data_dir, defaults=prompts)
 
     start = time.perf_counter()
     with precision_context(loaded):

@@ -44,17 +44,17 @@ class GatedSearcher:
         self.entered, self.release = threading.Event(), threading.Event()
         self.seen: list[str] = []
 
-    def search_texts(self, texts, k):
+    def search_texts(self, texts, k, modality="image"):
         self.seen.extend(texts)
         if any(text.startswith(("block", "kill")) for text in texts):
             self.entered.set()
             assert self.release.wait(30)
         if any(text.startswith("kill") for text in texts):
             raise SystemExit("simulated worker death")
-        return self.real.search_texts(texts, k)
+        return self.real.search_texts(texts, k, modality)
 
-    def search_images(self, images, k):
-        return self.real.search_images(images, k)
+    def search_images(self, images, k, modality="image"):
+        return self.real.search_images(images, k, modality)
 
 
 def _post(url, text, k=3, timeout=30):
@@ -332,10 +332,10 @@ def test_a_dead_worker_is_restarted_waiting_requests_get_503_and_health_tells_th
 
 def test_one_failing_batch_fails_only_its_requests(searcher):
     class Failing(GatedSearcher):
-        def search_texts(self, texts, k):
+        def search_texts(self, texts, k, modality="image"):
             if any("explode" in text for text in texts):
                 raise RuntimeError("boom")
-            return super().search_texts(texts, k)
+            return super().search_texts(texts, k, modality)
 
     with serving(Failing(searcher)) as url:
         failed = _post(url, "explode")

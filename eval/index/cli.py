@@ -27,6 +27,11 @@ def register(subparsers) -> None:
     build.add_argument("--image-root", action="append", metavar="DIR",
                        help="with --embeddings: a folder the metadata's image_path files may be served from "
                             "(repeatable; default: the metadata parquet's folder)")
+    build.add_argument("--modality", default="image", choices=("image", "image,text"),
+                       help="image: index the images; image,text: also index the captions (text_index.faiss, "
+                            "same ids), for caption search (clip-retrieval's modality=text)")
+    build.add_argument("--text-embeddings", help="with --embeddings and --modality image,text: the caption "
+                       "embeddings (.npy, row i describes the same item as row i of --embeddings)")
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument("--memory-budget", default="4G", help="most memory the index may use (default 4G)")
     build.add_argument("--recall-target", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
@@ -58,6 +63,11 @@ def run_build(args: argparse.Namespace) -> int:
     require(args.data is None or args.checkpoint is not None, "--data needs --checkpoint to embed the images")
     require(args.metadata is None or args.embeddings is not None, "--metadata goes with --embeddings")
     require(args.image_root is None or args.embeddings is not None, "--image-root goes with --embeddings")
+    with_text = args.modality == "image,text"
+    require(args.text_embeddings is None or (args.embeddings is not None and with_text),
+            "--text-embeddings goes with --embeddings and --modality image,text")
+    require(not with_text or args.data is not None or args.text_embeddings is not None,
+            "--modality image,text with --embeddings needs --text-embeddings (the caption vectors)")
     require(0.0 < args.recall_target <= 1.0, f"--recall-target must be in (0, 1], got {args.recall_target}")
     require(args.batch_size > 0 and args.workers >= 0, "--batch-size must be > 0 and --workers >= 0")
     parse_memory(args.memory_budget)
@@ -67,16 +77,21 @@ def run_build(args: argparse.Namespace) -> int:
         from eval.index.query import load_query_model
 
         collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers,
-                                 allow_remote=args.allow_remote)
+                                 allow_remote=args.allow_remote, text=with_text)
     else:
-        collection = from_embeddings(args.embeddings, args.metadata, args.image_root)
+        collection = from_embeddings(args.embeddings, args.metadata, args.image_root, args.text_embeddings)
         if model is not None:
             _check_model_dim(model, collection.vectors.shape[1])
     built = build_index(collection.vectors, args.memory_budget, args.recall_target,
                         queries=collection.queries, query_source=collection.query_source)
     metadata = collection.metadata if built.order is None else collection.metadata.take(built.order)
-    info = save_index_folder(args.out, built.index, {**built.info, "source": collection.source,
-                                                     "image_roots": collection.image_roots}, metadata, model)
+    extra, text_index = {}, None
+    if with_text:
+        text_built = build_caption_index(collection, built.order, args.memory_budget, args.recall_target)
+        text_index, extra["text_index"] = text_built.index, text_built.info
+    info = save_index_folder(args.out, built.index, {**built.info, **extra, "source": collection.source,
+                                                     "image_roots": collection.image_roots}, metadata, model,
+                             text_index=text_index)
     tuning, held_out, built = info["tuning"], info["held_out"], info["index"]
     knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
     checked = f", {held_out['recall']:.3f} held out" if held_out["recall"] is not None else ""
@@ -85,7 +100,25 @@ def run_build(args: argparse.Namespace) -> int:
           f"{'' if tuning['target_reached'] else ', NOT reached'}), "
           f"~{built['memory_estimate_bytes'] / 2**20:.1f} MiB, built in {info['timings_s']['total']:.1f} s "
           f"-> {Path(args.out) / 'index_info.json'}")
+    if with_text:
+        text = info["text_index"]
+        knob = f", {text['search']['param']}={text['search']['value']}" if text["search"]["param"] else ""
+        recall = text["held_out"]["recall"]
+        print(f"indexed {info['count']} captions as {text['index']['factory']}{knob}: recall@{text['tuning']['k']} "
+              f"{text['tuning']['recall']:.3f} tuning" + (f", {recall:.3f} held out" if recall is not None else ""))
     return 0
+
+
+def build_caption_index(collection, order, memory_budget, recall_target):
+    """The caption index, its rows in the image index's id order, tuned on image embeddings
+    (image->caption search), which are never among the indexed caption vectors."""
+    from eval.index.build import build_index
+
+    text_vectors = collection.text_vectors if order is None else collection.text_vectors[order]
+    built = build_index(text_vectors, memory_budget, recall_target, queries=collection.vectors,
+                        query_source="image embeddings (image->caption)")
+    assert built.order is None   # given queries: no rows held out, ids are the row order
+    return built
 
 
 def _check_model_dim(model: str, dim: int) -> None:

@@ -3,7 +3,9 @@
 Two sources, as in clip-retrieval: shards embedded with a model (images are indexed; their
 captions, embedded with the text tower, are the tuning queries, since text-to-image is what the
 index serves), or a precomputed embeddings `.npy` with an optional metadata parquet (the
-vectors themselves are sampled as tuning queries).
+vectors themselves are sampled as tuning queries). For a caption index (`--modality image,text`)
+every row's caption embedding is kept too (`text_vectors`): from the shards' first caption, or
+from a second `.npy` aligned with the first.
 """
 from __future__ import annotations
 
@@ -28,21 +30,22 @@ class Collection:
     query_source: str              # what the tuning queries are, for index_info.json
     source: dict                   # recorded in index_info.json
     image_roots: list = field(default_factory=list)   # the only folders images may be served from
+    text_vectors: np.ndarray | None = None            # [N, D] caption embeddings, for a caption index
 
 
 def from_embeddings(embeddings: str | Path, metadata: str | Path | None = None,
-                    image_roots: list | None = None) -> Collection:
+                    image_roots: list | None = None, text_embeddings: str | Path | None = None) -> Collection:
     """`image_roots` (default: the metadata parquet's folder) bound where `image_path` files may
-    be served from; relative image paths are taken relative to the parquet's folder."""
+    be served from; relative image paths are taken relative to the parquet's folder.
+    `text_embeddings`: row i is the caption embedding of row i of `embeddings`."""
     path = Path(embeddings)
-    if not path.is_file():
-        raise UserError(f"embeddings file not found: {path}")
-    try:
-        vectors = np.load(path, mmap_mode="r")
-    except ValueError as err:
-        raise UserError(f"{path}: not a readable .npy file ({err})") from None
-    if vectors.ndim != 2 or len(vectors) == 0 or vectors.dtype.kind != "f":
-        raise UserError(f"{path}: expected a non-empty 2-d float array, got {vectors.dtype} {vectors.shape}")
+    vectors = _load_vectors(path)
+    text_vectors = None
+    if text_embeddings is not None:
+        text_vectors = _load_vectors(Path(text_embeddings))
+        if text_vectors.shape != vectors.shape:
+            raise UserError(f"{text_embeddings} is {text_vectors.shape[0]}x{text_vectors.shape[1]} but {path} is "
+                            f"{vectors.shape[0]}x{vectors.shape[1]}: row i of both must describe item i")
     table = read_user_metadata(metadata, len(vectors)) if metadata else default_metadata(len(vectors))
     roots = []
     if metadata:
@@ -52,7 +55,22 @@ def from_embeddings(embeddings: str | Path, metadata: str | Path | None = None,
     elif image_roots:
         roots = _image_roots(image_roots, table)
     source = {"embeddings": str(path.resolve()), "metadata": str(Path(metadata).resolve()) if metadata else None}
-    return Collection(vectors, table, None, "sample of the indexed vectors", source, roots)
+    if text_embeddings is not None:
+        source["text_embeddings"] = str(Path(text_embeddings).resolve())
+    return Collection(vectors, table, None, "sample of the indexed vectors", source, roots, text_vectors)
+
+
+def _load_vectors(path: Path) -> np.ndarray:
+    """A memory-mapped non-empty 2-d float .npy; UserError otherwise."""
+    if not path.is_file():
+        raise UserError(f"embeddings file not found: {path}")
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except ValueError as err:
+        raise UserError(f"{path}: not a readable .npy file ({err})") from None
+    if vectors.ndim != 2 or len(vectors) == 0 or vectors.dtype.kind != "f":
+        raise UserError(f"{path}: expected a non-empty 2-d float array, got {vectors.dtype} {vectors.shape}")
+    return vectors
 
 
 def _absolute_image_paths(table: pa.Table, base: Path) -> pa.Table:
@@ -86,8 +104,10 @@ def _column(table: pa.Table, name: str) -> list | None:
     return table.column(name).to_pylist() if name in table.column_names else None
 
 
-def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allow_remote: bool = False) -> Collection:
-    """Embed every image of the shards (and its first caption, as a tuning query)."""
+def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allow_remote: bool = False,
+                text: bool = False) -> Collection:
+    """Embed every image of the shards, and a sample of their first captions as tuning queries
+    (with `text`: every first caption, kept as `text_vectors` for a caption index)."""
     from eval.embed import embed_images, embed_texts, open_eval_data
     from eval.index.shard_members import shard_members
     from eval.index.stored_images import image_roots_of_shards
@@ -109,12 +129,18 @@ def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allo
         "json": pa.array([row.get("json") for row in rows], pa.string()),
     })
     table = normalise_table(table, data)
-    texts = [caption for caption in captions if caption]
-    if len(texts) > TUNING_QUERIES:
-        picked = np.random.default_rng(0).choice(len(texts), size=TUNING_QUERIES, replace=False)
-        texts = [texts[i] for i in sorted(picked)]
-    queries = embed_texts(loaded, texts, batch_size=batch_size, description="captions")[0] if texts else None
+    with_caption = [i for i, caption in enumerate(captions) if caption]
+    if len(with_caption) > TUNING_QUERIES:
+        picked = np.random.default_rng(0).choice(len(with_caption), size=TUNING_QUERIES, replace=False)
+        with_caption = [with_caption[i] for i in sorted(picked)]
+    text_vectors = None
+    if text:
+        text_vectors = embed_texts(loaded, captions, batch_size=batch_size, description="captions")[0]
+        queries = text_vectors[with_caption] if with_caption else None
+    else:
+        queries = embed_texts(loaded, [captions[i] for i in with_caption], batch_size=batch_size,
+                              description="captions")[0] if with_caption else None
     source = {"data": data, "skipped_corrupt": embedded.skipped, "expected": embedded.expected}
     query_source = "caption embeddings (text->image)" if queries is not None else "sample of the indexed vectors"
     roots = image_roots_of_shards(row.get("shard") for row in rows)
-    return Collection(embedded.features, table, queries, query_source, source, roots)
+    return Collection(embedded.features, table, queries, query_source, source, roots, text_vectors)

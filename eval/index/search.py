@@ -1,6 +1,10 @@
-"""Searching an index folder by text or image: embed the query, search FAISS, attach metadata.
+"""Searching an index folder by text, image or vector: embed the query, search FAISS, attach metadata.
 
 Shared by `mmssl index search` and `mmssl serve`, so both return the same hits in the same order.
+`modality` says what is searched ("image": the image index, "text": the caption index of a
+folder built with `--modality image,text`), whatever the query is, as in clip-retrieval.
+`deduplicate` drops hits that are near-duplicates of a better-ranked hit, judged on the indexed
+vectors themselves (reconstructed from the index, so approximate for compressed indexes).
 """
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import numpy as np
 
 from eval.index.store import IndexFolder, load_index_folder
 from mmssl.errors import UserError
+
+DEDUP_THRESHOLD = 0.94     # clip-retrieval's cosine threshold for "the same image"
+_DEDUP_BLOCK = 512         # rows compared at once: memory stays O(block * hits)
 
 
 @dataclass
@@ -29,14 +36,23 @@ class Searcher:
         self.encoder = encoder
 
     @classmethod
-    def open(cls, index_dir: str) -> "Searcher":
+    def open(cls, index_dir: str, encoders: dict | None = None) -> "Searcher":
+        """`encoders` (model reference -> QueryEncoder) lets several indexes of one model share it."""
         from eval.index.query import QueryEncoder
 
         folder = load_index_folder(index_dir)
-        encoder = QueryEncoder.from_checkpoint(folder.model) if folder.model else None
-        if encoder is not None:
+        encoder = None
+        if folder.model:
+            encoders = {} if encoders is None else encoders
+            if folder.model not in encoders:
+                encoders[folder.model] = QueryEncoder.from_checkpoint(folder.model)
+            encoder = encoders[folder.model]
             check_dimensions(folder, encoder)
         return cls(folder, encoder)
+
+    @property
+    def dim(self) -> int:
+        return self.folder.info["dim"]
 
     def require_encoder(self):
         if self.encoder is None:
@@ -44,19 +60,58 @@ class Searcher:
                             "it has no model to embed text or image queries")
         return self.encoder
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_vectors(self, vectors: np.ndarray, k: int, modality: str = "image") -> list[list[Hit]]:
         """Top-k hits per query row (fewer when the index holds fewer than k vectors)."""
-        scores, ids = self.folder.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        index = self.folder.index_for(modality)
+        scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         metadata = self.folder.metadata
         return [[Hit(rank + 1, float(score), int(i), metadata.keys[i], metadata.captions[i])
                  for rank, (score, i) in enumerate(zip(row_scores, row_ids)) if i >= 0]
                 for row_scores, row_ids in zip(scores, ids)]
 
-    def search_texts(self, texts: list[str], k: int) -> list[list[Hit]]:
-        return self.search_vectors(self.require_encoder().encode_texts(texts), k)
+    def search_texts(self, texts: list[str], k: int, modality: str = "image") -> list[list[Hit]]:
+        return self.search_vectors(self.require_encoder().encode_texts(texts), k, modality)
 
-    def search_images(self, images: list, k: int) -> list[list[Hit]]:
-        return self.search_vectors(self.require_encoder().encode_images(images), k)
+    def search_images(self, images: list, k: int, modality: str = "image") -> list[list[Hit]]:
+        return self.search_vectors(self.require_encoder().encode_images(images), k, modality)
+
+    def deduplicate(self, hits: list[Hit], modality: str = "image",
+                    threshold: float = DEDUP_THRESHOLD) -> list[Hit]:
+        """`hits` without those whose indexed vector has cosine >= threshold with the vector of a
+        better-ranked hit (kept or dropped), ranks renumbered."""
+        if len(hits) < 2:
+            return hits
+        vectors = reconstruct(self.folder.index_for(modality), [hit.id for hit in hits])
+        duplicate = near_duplicates(vectors, threshold)
+        kept = [hit for hit, dup in zip(hits, duplicate) if not dup]
+        return [Hit(rank + 1, hit.score, hit.id, hit.key, hit.caption) for rank, hit in enumerate(kept)]
+
+
+
+def near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """[N] bool: row i has cosine >= threshold with some row j < i (rows are normalised here)."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    duplicate = np.zeros(len(rows), dtype=bool)
+    for start in range(1, len(rows), _DEDUP_BLOCK):
+        block = rows[start:start + _DEDUP_BLOCK]
+        sims = block @ rows[:start + len(block)].T              # [b, start + b]
+        earlier = np.arange(start + len(block))[None, :] < np.arange(start, start + len(block))[:, None]
+        duplicate[start:start + len(block)] = ((sims >= threshold) & earlier).any(axis=1)
+    return duplicate
+
+
+def reconstruct(index, ids: list[int]) -> np.ndarray:
+    """The indexed vectors of `ids` ([len(ids), d]); IVF indexes get their id->list map on first use."""
+    import faiss
+
+    ids = np.asarray(ids, dtype=np.int64)
+    try:
+        return index.reconstruct_batch(ids)
+    except RuntimeError:
+        ivf = faiss.extract_index_ivf(index)   # IVF lists need a direct map to look ids up
+        ivf.make_direct_map()
+        return index.reconstruct_batch(ids)
 
 
 def check_dimensions(folder: IndexFolder, encoder) -> None:

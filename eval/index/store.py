@@ -13,6 +13,11 @@ Index folders are shared like datasets, so the info file is validated as untrust
 
 Saving builds the folder under a temporary name beside `--out` and swaps it in with renames at
 the end, so a rebuild that fails or is killed leaves the previous index whole.
+
+Modalities (clip-retrieval's image and text indices): `index.faiss` holds the image embeddings;
+a folder built with `--modality image,text` also holds `text_index.faiss`, the caption embeddings
+of the same rows under the same ids, so a caption hit shows its image and metadata like an image
+hit. `info["modalities"]` lists what the folder holds (absent: image only).
 """
 from __future__ import annotations
 
@@ -29,8 +34,11 @@ from eval.index.metadata import METADATA_FILE, Metadata, load_metadata, write_me
 from mmssl.errors import UserError
 
 INDEX_FILE = "index.faiss"
+TEXT_INDEX_FILE = "text_index.faiss"
 INFO_FILE = "index_info.json"
-FOLDER_FILES = (INDEX_FILE, METADATA_FILE, INFO_FILE)
+FOLDER_FILES = (INDEX_FILE, TEXT_INDEX_FILE, METADATA_FILE, INFO_FILE)
+MODALITIES = ("image", "text")
+INDEX_FILES = {"image": INDEX_FILE, "text": TEXT_INDEX_FILE}    # modality -> its FAISS file
 FORMAT_VERSION = 2
 MAX_INFO_BYTES = 16 * 2**20
 SEARCH_PARAMS = {"efSearch": 1 << 16, "nprobe": 1 << 24}   # knob -> largest value accepted from a file
@@ -39,14 +47,33 @@ _HASH_CHUNK = 8 * 2**20
 
 @dataclass
 class IndexFolder:
-    index: object            # faiss.Index with the tuned search parameter applied
+    index: object            # faiss.Index of the image embeddings, tuned search parameter applied
     metadata: Metadata
     info: dict
     path: Path
+    text_index: object = None   # faiss.Index of the caption embeddings (same ids), or None
 
     @property
     def model(self) -> str | None:
         return self.info.get("model")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return modalities_of(self.info)
+
+    def index_for(self, modality: str):
+        """The FAISS index that answers searches of `modality` ("image": search the images,
+        "text": search the captions); UserError when the folder was built without it."""
+        if modality == "image":
+            return self.index
+        if modality == "text" and self.text_index is not None:
+            return self.text_index
+        raise UserError(f"{self.path.name} holds no {modality} index (it has: {', '.join(self.modalities)}); "
+                        "build it with `mmssl index build --modality image,text`")
+
+
+def modalities_of(info: dict) -> tuple[str, ...]:
+    return tuple(info.get("modalities") or ("image",))
 
 
 def file_sha256(path: Path) -> str:
@@ -57,28 +84,36 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table, model: str | None) -> dict:
-    """Write the three files into a fresh folder and swap it in for `out_dir`; returns the info
-    dict as written (with file sizes and checksums). UserError when `out_dir` holds anything
-    that is not an index folder (it is never deleted)."""
+def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table, model: str | None,
+                      text_index=None) -> dict:
+    """Write the files into a fresh folder and swap it in for `out_dir`; returns the info dict as
+    written (with file sizes and checksums). `text_index` (caption embeddings, same ids) is
+    optional. UserError when `out_dir` holds anything that is not an index folder (it is never
+    deleted)."""
     import faiss
 
     out = Path(out_dir)
     recover_interrupted_build(out)
     _check_replaceable(out)
-    if metadata.num_rows != index.ntotal:
-        raise ValueError(f"metadata has {metadata.num_rows} rows for {index.ntotal} vectors")
+    for built in (index, text_index):
+        if built is not None and metadata.num_rows != built.ntotal:
+            raise ValueError(f"metadata has {metadata.num_rows} rows for {built.ntotal} vectors")
     staging = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
         faiss.write_index(index, str(staging / INDEX_FILE))
+        data_files = [INDEX_FILE, METADATA_FILE]
+        if text_index is not None:
+            faiss.write_index(text_index, str(staging / TEXT_INDEX_FILE))
+            data_files.append(TEXT_INDEX_FILE)
         checksum = write_metadata(staging, metadata)
         info = {"format_version": FORMAT_VERSION, **info, "model": model, "keys_sha256": checksum,
+                "modalities": list(MODALITIES if text_index is not None else ("image",)),
                 "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
-                          for name in (INDEX_FILE, METADATA_FILE)}}
+                          for name in data_files}}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        for name in FOLDER_FILES:
+        for name in data_files + [INFO_FILE]:
             _fsync_file(staging / name)
         _swap_in(staging, out)
     except OSError as err:
@@ -183,18 +218,24 @@ def _check_info(info, path: Path) -> None:
             bad(f"{key!r} must be a positive integer")
     if not isinstance(info.get("keys_sha256"), str):
         bad("no keys_sha256")
+    modalities = info.get("modalities", ["image"])
+    if not (isinstance(modalities, list) and modalities and modalities[0] == "image"
+            and len(set(modalities)) == len(modalities) and set(modalities) <= set(MODALITIES)):
+        bad(f"'modalities' must list 'image', then optionally 'text', not {str(modalities)[:80]}")
     files = info.get("files")
-    for name in (INDEX_FILE, METADATA_FILE):
+    for name in [INDEX_FILES[modality] for modality in modalities] + [METADATA_FILE]:
         entry = files.get(name) if isinstance(files, dict) else None
         if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
             bad(f"no size and sha256 recorded for {name}")
-    search = info.get("search") or {}
-    if not isinstance(search, dict):
-        bad("'search' must be an object")
-    param, value = search.get("param"), search.get("value")
-    if param is not None and (param not in SEARCH_PARAMS or isinstance(value, bool) or not isinstance(value, int)
-                              or not 1 <= value <= SEARCH_PARAMS[param]):
-        bad(f"search knob {param!r}={value!r} is not one mmssl sets")
+    for where, search in [("search", info.get("search"))] + (
+            [("text_index.search", (info.get("text_index") or {}).get("search"))] if "text" in modalities else []):
+        search = search or {}
+        if not isinstance(search, dict):
+            bad(f"{where!r} must be an object")
+        param, value = search.get("param"), search.get("value")
+        if param is not None and (param not in SEARCH_PARAMS or isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= SEARCH_PARAMS[param]):
+            bad(f"search knob {param!r}={value!r} is not one mmssl sets")
     if info.get("model") is not None and not isinstance(info["model"], str):
         bad("'model' must be a string or null")
 
@@ -216,9 +257,7 @@ def check_file(folder: Path, name: str, info: dict) -> Path:
 
 
 def load_index_folder(index_dir: str | Path) -> IndexFolder:
-    """Index, metadata and info, checked to line up; UserError naming the mismatch otherwise."""
-    import faiss
-
+    """Index(es), metadata and info, checked to line up; UserError naming the mismatch otherwise."""
     from eval.index.tune import set_search_param
 
     folder = Path(index_dir)
@@ -227,16 +266,25 @@ def load_index_folder(index_dir: str | Path) -> IndexFolder:
     except OSError:  # a read-only place: load what is there
         pass
     info = read_info(folder)
-    index_path = check_file(folder, INDEX_FILE, info)
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError as err:
-        raise UserError(f"{index_path}: FAISS cannot read it ({str(err).splitlines()[0]})") from None
-    if index.ntotal != info["count"] or index.d != info["dim"]:
-        raise UserError(f"{folder}: {INDEX_FILE} holds {index.ntotal} {index.d}-d vectors but {INFO_FILE} says "
-                        f"{info['count']} {info['dim']}-d; rebuild the index")
-    metadata = load_metadata(folder, index.ntotal, info["keys_sha256"])  # the clearest messages first
+    indexes = {modality: _read_faiss_file(folder, INDEX_FILES[modality], info) for modality in modalities_of(info)}
+    metadata = load_metadata(folder, info["count"], info["keys_sha256"])  # the clearest messages first
     check_file(folder, METADATA_FILE, info)
-    search = info.get("search") or {}
-    set_search_param(index, search.get("param"), search.get("value"))
-    return IndexFolder(index, metadata, info, folder)
+    for modality, index in indexes.items():
+        search = (info if modality == "image" else info.get("text_index") or {}).get("search") or {}
+        set_search_param(index, search.get("param"), search.get("value"))
+    return IndexFolder(indexes["image"], metadata, info, folder, indexes.get("text"))
+
+
+def _read_faiss_file(folder: Path, name: str, info: dict):
+    """One of the folder's FAISS files, checked against index_info.json (size, SHA-256, count, dim)."""
+    import faiss
+
+    path = check_file(folder, name, info)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise UserError(f"{path}: FAISS cannot read it ({str(err).splitlines()[0]})") from None
+    if index.ntotal != info["count"] or index.d != info["dim"]:
+        raise UserError(f"{folder}: {name} holds {index.ntotal} {index.d}-d vectors but {INFO_FILE} says "
+                        f"{info['count']} {info['dim']}-d; rebuild the index")
+    return index

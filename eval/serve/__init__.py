@@ -1,15 +1,18 @@
-"""`mmssl serve`: an HTTP search service over an index folder (FastAPI on uvicorn).
+"""`mmssl serve`: an HTTP search service over one or more index folders (FastAPI on uvicorn).
 
-    POST /search      {"text": "..."} or {"image": "<base64>"}, optional "k" (1..1000, default 10)
+    POST /search      {"text": "..."} or {"image": "<base64>"}, optional "k" (1..1000, default 10),
+                      optional "index" (a served index's name; default the first)
                       -> {"results": [{"rank", "key", "caption", "score", "image_url"}], "took_ms"}
-    GET  /image/{key} the stored image bytes (JPEG/PNG/WebP as stored in the shard)
-    GET  /health      status, index size and type, queries served, text-cache hit rate
+    GET  /image/{key} the stored image bytes (JPEG/PNG/WebP as stored in the shard); ?index=NAME
+    GET  /health      status, index size and type, queries served, text-cache hit rate, per index
     GET  /            a small search page (no external scripts)
+    clip-retrieval's back end: POST /knn-service, POST /metadata, GET /indices-list, GET /config.json
 
-Modules: `app` (routes and error answers), `batching` (the query worker and its supervisor),
-`requests` (reading and validating a search request), `options` (every limit, with its default),
-`hosts` (Host header check against DNS rebinding), `cors` (CORS, off by default), `page` (the web
-page). Query images are admitted by `mmssl.data.image_guard`; stored images are served by
+Modules: `app` (routes and error answers), `service` (the served indexes and the path every query
+takes), `clip_retrieval` (clip-retrieval's protocol), `batching` (the query worker and its
+supervisor), `requests` (reading and validating a search request), `image_urls` (fetching an
+image URL query, off by default), `options` (every limit, with its default), `hosts` (Host header
+check against DNS rebinding), `cors` (CORS, off by default), `page` (the web page). Query images are admitted by `mmssl.data.image_guard`; stored images are served by
 `eval.index.stored_images`, only from the roots recorded at build time. docs/serve.md has the
 limits, the status codes and the trust model.
 
@@ -34,7 +37,9 @@ def register(subparsers) -> None:
     defaults = ServeOptions()
     limits = defaults.image_limits
     parser = subparsers.add_parser("serve", help="serve an index over HTTP (search API and web page)")
-    parser.add_argument("--index", required=True, help="index folder made by `mmssl index build`")
+    parser.add_argument("--index", required=True, action="append", metavar="[NAME=]DIR",
+                        help="index folder made by `mmssl index build`, served as NAME (default: the folder's "
+                             "name); repeatable, the first is the default index")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     parser.add_argument("--threads", type=int, default=0,
@@ -58,6 +63,11 @@ def register(subparsers) -> None:
                         help="another name the Host header may carry (repeatable; *.example.com for subdomains)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="an origin whose pages may call the API (repeatable; CORS is off without it)")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch the image named by a /knn-service image_url (off: the service would be an "
+                             "open proxy; see docs/serve.md)")
+    parser.add_argument("--image-url-timeout", type=float, default=defaults.image_url_timeout,
+                        help=f"seconds to fetch one image URL (default {defaults.image_url_timeout:g})")
     parser.set_defaults(func=run_serve)
 
 
@@ -70,11 +80,13 @@ def serve_options(args: argparse.Namespace):
     require(args.max_batch >= 1 and args.max_queue >= 1, "--max-batch and --max-queue must be >= 1")
     require(args.request_timeout > 0 and args.body_timeout > 0, "--request-timeout and --body-timeout must be > 0")
     require(args.max_text_chars >= 1, "--max-text-chars must be >= 1")
+    require(args.image_url_timeout > 0, "--image-url-timeout must be > 0")
     limits = ImageLimits(args.max_image_side, args.max_image_pixels, args.max_image_aspect)
     return ServeOptions(bind_host=args.host, allowed_hosts=tuple(args.allowed_host),
                         cors_origins=tuple(args.cors_origin), max_batch=args.max_batch, max_queue=args.max_queue,
                         request_timeout=args.request_timeout, body_timeout=args.body_timeout,
-                        max_text_chars=args.max_text_chars, image_limits=limits)
+                        max_text_chars=args.max_text_chars, image_limits=limits,
+                        allow_image_urls=args.allow_image_urls, image_url_timeout=args.image_url_timeout)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -85,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
     require(args.threads >= 0, "--threads must be >= 0")
     options = serve_options(args)
+    specs = index_specs(args.index)
     # torch and faiss each bring an OpenMP pool; idle spinning in one starves the other
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
@@ -95,20 +108,42 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)  # first: a taken port fails before seconds of model loading
     try:
         configure_threads(args.threads)
-        searcher = Searcher.open(args.index)
-        app = create_app(searcher, options)
-        if not app.state.images.enabled:
-            sys.stderr.write("mmssl serve: this index records no image roots (built before they were recorded): "
-                             "its images are not served; rebuild it to serve them\n")
+        encoders = {}       # indexes built with the same model share its query encoder
+        searchers = {name: Searcher.open(folder, encoders) for name, folder in specs.items()}
+        app = create_app(searchers, options)
+        for served in app.state.service.indexes.values():
+            if not served.images.enabled:
+                sys.stderr.write(f"mmssl serve: index {served.name!r} records no image roots (built before they "
+                                 "were recorded): its images are not served; rebuild it to serve them\n")
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        print(f"serving {searcher.folder.path} ({searcher.folder.info['count']} items) on http://{host}:{port}",
-              flush=True)
+        served = ", ".join(f"{name}={searcher.folder.path} ({searcher.folder.info['count']} items, "
+                           f"{'+'.join(searcher.folder.modalities)})" for name, searcher in searchers.items())
+        print(f"serving {served} on http://{host}:{port}", flush=True)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
     return 0
+
+
+def index_specs(values: list[str]) -> dict:
+    """{name: folder} from `--index [NAME=]DIR` values; UserError for an empty or repeated name."""
+    from pathlib import Path
+
+    from mmssl.errors import UserError
+
+    specs = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or "/" in name or Path(value).exists():   # a bare DIR (a path may hold '=')
+            name, folder = Path(value).resolve().name, value
+        if not name or not folder:
+            raise UserError(f"--index {value!r}: expected NAME=DIR or DIR")
+        if name in specs:
+            raise UserError(f"--index: the name {name!r} is given twice; name them NAME=DIR")
+        specs[name] = folder
+    return specs
 
 
 def _bind(host: str, port: int):

@@ -21,6 +21,8 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class QueueFull(Exception):
     """The queue of waiting queries is full: the service is overloaded, retry later."""
@@ -32,10 +34,12 @@ class WorkerUnavailable(Exception):
 
 @dataclass
 class Pending:
-    kind: str          # "text" | "image"
-    value: object      # the text, or the image's input tensor
+    kind: str          # "text" | "image" | "vector"
+    value: object      # the text, the image's input tensor, or a unit vector
     k: int
     future: Future
+    modality: str = "image"     # the index searched: "image" or "text" (captions)
+    deduplicate: bool = False   # drop near-duplicates of better-ranked hits (after the top k)
 
 
 class QueryBatcher:
@@ -94,14 +98,14 @@ class QueryBatcher:
 
     # ------------------------------------------------------------ the request side
 
-    def submit(self, kind: str, value, k: int) -> Future:
+    def submit(self, kind: str, value, k: int, modality: str = "image", deduplicate: bool = False) -> Future:
         """Future of the hit list for one query; QueueFull or WorkerUnavailable at once when the
         query cannot be taken."""
         if not self.alive:
             raise WorkerUnavailable("the query worker is restarting; retry shortly")
         future: Future = Future()
         try:
-            self._queue.put_nowait(Pending(kind, value, k, future))
+            self._queue.put_nowait(Pending(kind, value, k, future, modality, deduplicate))
         except queue.Full:
             raise QueueFull(f"the query queue is full ({self.max_queue} waiting)") from None
         return future
@@ -152,10 +156,9 @@ class QueryBatcher:
                 continue
             self._held, self._batch_started = live, time.monotonic()
             try:
-                for kind in ("text", "image"):
-                    group = [item for item in live if item.kind == kind]
-                    if group:
-                        self._answer(kind, group)
+                for kind, modality in dict.fromkeys((item.kind, item.modality) for item in live):
+                    self._answer(kind, modality, [item for item in live
+                                                  if item.kind == kind and item.modality == modality])
             except Exception as err:  # noqa: BLE001 - a bug here must not end the worker
                 for item in live:
                     _settle(item.future, error=err)
@@ -163,17 +166,26 @@ class QueryBatcher:
             self._held, self._batch_started = [], None
             self.batches += 1
 
-    def _answer(self, kind: str, group: list[Pending]) -> None:
+    def _answer(self, kind: str, modality: str, group: list[Pending]) -> None:
+        """One search for the group (same kind, same index), then each query's own top k."""
         try:
             k = max(item.k for item in group)
-            search = self.searcher.search_texts if kind == "text" else self.searcher.search_images
-            hits = search([item.value for item in group], k)
+            values = [item.value for item in group]
+            if kind == "vector":
+                hits = self.searcher.search_vectors(np.stack(values), k, modality)
+            else:
+                search = self.searcher.search_texts if kind == "text" else self.searcher.search_images
+                hits = search(values, k, modality)
         except Exception as err:  # a failure must reach the waiting requests, not end the worker
             for item in group:
                 _settle(item.future, error=err)
             return
         for item, item_hits in zip(group, hits):
-            _settle(item.future, result=item_hits[:item.k])
+            try:
+                top = item_hits[:item.k]
+                _settle(item.future, result=self.searcher.deduplicate(top, modality) if item.deduplicate else top)
+            except Exception as err:  # noqa: BLE001
+                _settle(item.future, error=err)
         self.served += len(group)
 
     def _fail_held_and_waiting(self, error: Exception) -> None:

@@ -1,7 +1,8 @@
 """CORS, off unless `--cors-origin` names origins: Starlette's CORSMiddleware with JSON refusals.
 
 Without CORS headers a browser lets no other site read the service's answers; with them, only
-the named origins may (GET and POST, the Content-Type header). A refused preflight is answered
+the named origins may (GET and POST, the Content-Type header; the not-applied header of
+clip-retrieval answers is exposed to their scripts). A refused preflight is answered
 with the service's usual `{"error": ...}` body instead of Starlette's plain text.
 """
 from __future__ import annotations
@@ -21,5 +22,7 @@ class JSONCORSMiddleware(CORSMiddleware):
 
 
 def cors_options(origins) -> dict:
+    from eval.serve.clip_retrieval import NOT_APPLIED_HEADER
+
     return {"allow_origins": list(origins), "allow_methods": ["GET", "POST"], "allow_headers": ["Content-Type"],
-            "max_age": 600}
+            "expose_headers": [NOT_APPLIED_HEADER], "max_age": 600}

@@ -30,3 +30,5 @@ class ServeOptions:
     # the event loop and the query worker CPU to answer with
     image_decoders: int = max(1, min(4, (os.cpu_count() or 2) // 2))
     restart_delay: float = 0.5            # seconds before a dead query worker is restarted
+    allow_image_urls: bool = False        # fetch clip-retrieval `image_url` queries (--allow-image-urls)
+    image_url_timeout: float = 10.0       # seconds to fetch one image URL; beyond: 504

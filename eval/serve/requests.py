@@ -31,8 +31,9 @@ class BadRequest(Exception):
 @dataclass
 class SearchQuery:
     kind: str          # "text" | "image"
-    value: object      # the text, or the image field as sent (see `prepare_image_field`)
+    value: object      # the text, or the image field as sent (base64)
     k: int
+    index: str | None = None   # the served index's name (None: the first)
 
 
 @dataclass
@@ -89,7 +90,7 @@ async def read_limited_body(request, limit: int, timeout: float | None = None,
 
 def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_chars: int | None = None) -> SearchQuery:
     """A validated query. Cheap enough for the event loop; images are decoded separately."""
-    from eval.index.query import MAX_TEXT_CHARS, check_text_query
+    from eval.index.query import MAX_TEXT_CHARS
 
     max_text_chars = max_text_chars or MAX_TEXT_CHARS
     if len(body) > text_body_bytes(max_text_chars) and b'"image"' not in body:
@@ -103,9 +104,12 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_char
         raise BadRequest(400, "body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, 'body must be a JSON object like {"text": "a red circle", "k": 10}')
-    unknown = sorted(set(payload) - {"text", "image", "k"})
+    unknown = sorted(set(payload) - {"text", "image", "k", "index"})
     if unknown:
-        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)[:200]} (expected text or image, and k)")
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)[:200]} (expected text or image, k, index)")
+    index = payload.get("index")
+    if index is not None and not isinstance(index, str):
+        raise BadRequest(400, "index must be the name of a served index")
     k = payload.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
         raise BadRequest(400, f"k must be an integer in 1..{max_k}")
@@ -115,16 +119,10 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_char
     if not has_model:
         raise BadRequest(400, "this index was built from embeddings without a model: it cannot embed queries")
     if text is not None:
-        if not isinstance(text, str) or not text.strip():
-            raise BadRequest(400, "text must be a non-empty string")
-        try:
-            check_text_query(text, max_text_chars)
-        except UserError as err:
-            raise BadRequest(400, str(err)) from None
-        return SearchQuery("text", text.strip(), k)
+        return SearchQuery("text", check_text(text, max_text_chars), k, index)
     if not isinstance(image, str) or not image:
         raise BadRequest(400, "image must be a non-empty base64 string")
-    return SearchQuery("image", image, k)
+    return SearchQuery("image", image, k, index)
 
 
 def text_body_bytes(max_text_chars: int) -> int:
@@ -133,18 +131,25 @@ def text_body_bytes(max_text_chars: int) -> int:
     return 12 * max_text_chars + 1024
 
 
-def prepare_image_field(image: str, encoder, limits) -> object:
-    """base64 (or a data: URL) -> the model's input tensor, through the image admission checks
-    (400 / 413 when refused); slow for big images, so callers run it in a thread."""
-    from mmssl.data.image_guard import ImageRefused
-
-    if image.startswith("data:") and "," in image:  # a data: URL straight from a browser
+def decode_base64_image(image: str) -> bytes:
+    """The bytes of a base64 image field (plain, or a data: URL straight from a browser); 400
+    when it is not base64. Decoding the image itself is left to the admission checks."""
+    if image.startswith("data:") and "," in image:
         image = image.split(",", 1)[1]
     try:
-        data = base64.b64decode(image, validate=True)
+        return base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(400, "image is not valid base64") from None
+
+
+def check_text(text, max_text_chars: int) -> str:
+    """The stripped text of a text query; 400 when empty or longer than max_text_chars."""
+    from eval.index.query import check_text_query
+
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest(400, "text must be a non-empty string")
     try:
-        return encoder.prepare_image(data, limits)
-    except ImageRefused as err:
-        raise BadRequest(err.status, f"image refused: {err}") from None
+        check_text_query(text, max_text_chars)
+    except UserError as err:
+        raise BadRequest(400, str(err)) from None
+    return text.strip()
