@@ -150,18 +150,24 @@ def exit_code(argv: list) -> int:
 
 # ---------------------------------------------------------------- search index and service
 
+CHROMIUM = "/usr/bin/chromium"      # Debian's (.ci/run installs it); without the network flags it
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run")   # dials Google at start
+
 INDEX_MODEL = "openclip:tiny-vit-64"   # random-init open_clip model: embeds in milliseconds
 
 
-def build_index(root: Path, num_items: int) -> Path:
-    """ROOT/index: a search index over the `num_items` val images of a synthetic world in ROOT/data."""
+def build_index(root: Path, num_items: int, modality: str = "image", name: str = "index") -> Path:
+    """ROOT/NAME: a search index over the `num_items` val images of a synthetic world in ROOT/data
+    (made on first use); `modality="image,text"` also indexes their captions."""
     from mmssl.cli import main
 
-    assert main(["prep", "synthetic", "--out", str(root / "data"), "--num-train", "8",
-                 "--num-val", str(num_items), "--num-heldout", "4", "--quiet"]) == 0
+    if not (root / "data" / "val").is_dir():
+        assert main(["prep", "synthetic", "--out", str(root / "data"), "--num-train", "8",
+                     "--num-val", str(num_items), "--num-heldout", "4", "--quiet"]) == 0
     assert main(["index", "build", "--checkpoint", INDEX_MODEL, "--data", str(root / "data" / "val"),
-                 "--out", str(root / "index"), "--workers", "0"]) == 0
-    return root / "index"
+                 "--out", str(root / name), "--workers", "0", "--modality", modality]) == 0
+    return root / name
 
 
 @contextmanager

@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import INDEX_MODEL
+from helpers import CHROMIUM, CHROMIUM_FLAGS, INDEX_MODEL
 from mmssl.cli import main
 
 NUM_ITEMS = 40
-CHROMIUM = "/usr/bin/chromium"
 
 
 # index_dir (NUM_ITEMS val images), searcher, server and client are fixtures in conftest.py
@@ -169,9 +168,8 @@ def test_serve_refuses_a_taken_port(index_dir, capsys):
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None,
                     reason="Debian's chromium is not installed (apt-get install -y chromium)")
 def test_web_page_shows_results_in_headless_chromium(server, tmp_path):
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+    command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+               "--dump-dom",
                f"{server}/?q=red+circle"]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     assert dom.count('<div class="result">') == 20     # the page asks for 20 by default
