@@ -23,8 +23,10 @@ _CHUNK = 64 * 1024
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def refuse(self, req, fp, code, msg, headers):
         raise BadRequest(400, f"image_url answered with a redirect ({code}); redirects are not followed")
+
+    http_error_301 = http_error_302 = http_error_303 = http_error_307 = http_error_308 = refuse
 
 
 _OPENER = urllib.request.build_opener(_NoRedirects)
