@@ -41,7 +41,7 @@ class _EvalStream(IterableDataset):
                     corrupt += raw.count
                     continue
                 try:
-                    pending.append(self._decode(raw))
+                    pending.append(self._decode(raw, shard.benchmark is not None))
                 except CorruptSample:
                     corrupt += 1
                     continue
@@ -51,8 +51,8 @@ class _EvalStream(IterableDataset):
         if pending or corrupt:
             yield (self._collate(pending) if pending else None), corrupt
 
-    def _decode(self, raw: dict):
-        label, captions = self.decoder.guarded(raw, eval_targets, raw)
+    def _decode(self, raw: dict, caption_lines: bool):
+        label, captions = self.decoder.guarded(raw, eval_targets, raw, caption_lines)
         return self.decoder.guarded(raw, self.decoder.image, raw), label, captions, raw["__key__"]
 
     def _collate(self, samples: list) -> EvalBatch:
@@ -65,8 +65,12 @@ class EvalLoader:
     """Iterable of `EvalBatch` over one pass of the data; `corrupt_count` after (or during) it."""
 
     def __init__(self, source: SourceSpec, *, transform: Callable, batch_size: int = 256,
-                 num_workers: int = 2, decode_size: Optional[int] = None, allow_remote: bool = False):
-        self.shards = resolve_shards(source, allow_remote=allow_remote)
+                 num_workers: int = 2, decode_size: Optional[int] = None, allow_remote: bool = False,
+                 split: Optional[str] = None):
+        self.shards = resolve_shards(source, allow_remote=allow_remote, split=split)
+        # a CLIP_benchmark split (one source): its class names, templates and type for the eval
+        splits = {shard.benchmark for shard in self.shards}
+        self.benchmark = splits.pop() if len(splits) == 1 else None
         self.dataset = _EvalStream(self.shards, transform, batch_size, decode_size)
         self.num_workers = min(num_workers, len(self.shards))
         self.corrupt_count = 0
@@ -88,7 +92,8 @@ class EvalLoader:
 
 def build_eval_loader(source: SourceSpec, *, transform: Callable, batch_size: int = 256,
                       num_workers: int = 2, decode_size: Optional[int] = None,
-                      allow_remote: bool = False) -> EvalLoader:
-    """An `EvalLoader` over a shard folder / pattern / list (see `mmssl.data.sources`)."""
+                      allow_remote: bool = False, split: Optional[str] = None) -> EvalLoader:
+    """An `EvalLoader` over a shard folder / pattern / list or a CLIP_benchmark folder's `split`
+    (see `mmssl.data.sources`)."""
     return EvalLoader(source, transform=transform, batch_size=batch_size, num_workers=num_workers,
-                      decode_size=decode_size, allow_remote=allow_remote)
+                      decode_size=decode_size, allow_remote=allow_remote, split=split)

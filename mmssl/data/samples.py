@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Optional
 
+from mmssl.data.benchmark_layout import benchmark_captions
 from mmssl.data.image_batch import BatchedImageTransform
 from mmssl.data.image_guard import SHARD_LIMITS, admit_image
 from mmssl.data.tar_reader import tar_samples
@@ -114,15 +115,27 @@ class SampleDecoder:
         return text.decode("utf-8").strip()
 
 
-def eval_targets(raw: dict) -> tuple[Optional[int], list[str]]:
-    """The label (json `label`, else None) and every caption of a raw sample, for evaluation.
+def eval_targets(raw: dict, caption_lines: bool = False) -> tuple[Optional[int], list[str]]:
+    """The label (json `label`, else `.cls` as webdataset writes it, else None) and every caption
+    of a raw sample, for evaluation. `caption_lines`: the `.txt` holds one caption per line
+    (CLIP_benchmark's layout, `mmssl.data.benchmark_layout`); otherwise it is one caption.
 
     A sample with neither is unusable: CorruptSample."""
     meta = json.loads(raw["json"]) if "json" in raw else {}
     captions = [str(c) for c in meta.get("captions") or []]
     if not captions and "txt" in raw:
-        captions = [raw["txt"].decode("utf-8").strip()]
+        captions = benchmark_captions(raw["txt"]) if caption_lines else [raw["txt"].decode("utf-8").strip()]
     label = meta.get("label")
+    if label is None and "cls" in raw:
+        label = _class_label(raw["cls"])
     if label is None and not captions:
         raise CorruptSample("no label and no caption")
     return (None if label is None else int(label)), captions
+
+
+def _class_label(data: bytes) -> int:
+    """A `.cls` member: a whole number as ASCII text (anything else makes the sample corrupt)."""
+    text = data.strip()
+    if not (text.isdigit() and len(text) <= 9):
+        raise CorruptSample(f"not a class label: {text[:20]!r}")
+    return int(text)

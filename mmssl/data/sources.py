@@ -8,7 +8,9 @@ for in every place the common tools leave one:
 * an img2dataset output folder: `*.tar` with `{shard}_stats.json` beside each (`successes`);
 * a brace pattern `dir/{00000..00009}.tar`: `_stats.json` beside each tar, else a `manifest.json`
   or webdataset's `sizes.json` in the shards' folder, else unknown (None);
-* several sources: a Python list, or one string joined with `::` (open_clip's convention).
+* several sources: a Python list, or one string joined with `::` (open_clip's convention);
+* a CLIP_benchmark folder (`ROOT/test/nshards.txt` + `0.tar`...; see `mmssl.data.benchmark_layout`):
+  its `split` (default `test`), counts unknown; each shard carries the split it belongs to.
 
 Local paths are checked here, so a typo fails with one line instead of a worker traceback. This
 is also the one gate for what data may name (see `mmssl.data.urls`): every shard URL is checked
@@ -20,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import braceexpand
 
+from mmssl.data.benchmark_layout import BenchmarkSplit, find_split, join
 from mmssl.data.tar_reader import split_sample_name
 from mmssl.data.urls import check_url, is_remote, local_path, scheme_of
 from mmssl.errors import UserError
@@ -36,11 +39,13 @@ MAX_JSON_BYTES = 64 * 2**20   # a manifest of a million shards is ~60 MB; anythi
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar file: where it is, how many samples it holds (None: unknown), which source it is from."""
+    """One tar file: where it is, how many samples it holds (None: unknown), which source it is from,
+    and the CLIP_benchmark split it belongs to (None for other shards), whose format its samples follow."""
 
     url: str
     count: Optional[int]
     source: int = 0
+    benchmark: Optional[BenchmarkSplit] = None
 
 
 def split_sources(spec: SourceSpec) -> list[str]:
@@ -52,21 +57,32 @@ def split_sources(spec: SourceSpec) -> list[str]:
     return sources
 
 
-def resolve_shards(spec: SourceSpec, need_counts: bool = False, allow_remote: bool = False) -> list[Shard]:
+def resolve_shards(spec: SourceSpec, need_counts: bool = False, allow_remote: bool = False,
+                   split: Optional[str] = None) -> list[Shard]:
     """All shards of one or several sources, in a stable order, each tagged with its source index.
 
     With `need_counts`, unknown counts of local tars are found by reading the tar headers, and a
     remote shard without a count is an error (the training loader needs every count). Remote
-    URLs are refused unless `allow_remote`; `pipe:` and unknown schemes always are.
+    URLs are refused unless `allow_remote`; `pipe:` and unknown schemes always are. `split` picks
+    the split of a CLIP_benchmark folder (default `test`); for any other source it is an error.
     """
-    return [shard for group in resolve_sources(spec, need_counts, allow_remote) for shard in group]
+    return [shard for group in resolve_sources(spec, need_counts, allow_remote, split) for shard in group]
 
 
-def resolve_sources(spec: SourceSpec, need_counts: bool = False, allow_remote: bool = False) -> list[list[Shard]]:
+def resolve_sources(spec: SourceSpec, need_counts: bool = False, allow_remote: bool = False,
+                    split: Optional[str] = None) -> list[list[Shard]]:
     """Like `resolve_shards`, grouped per source (for per-source sampling weights)."""
     groups = []
     for index, source in enumerate(split_sources(spec)):
-        shards = [Shard(url, count, index) for url, count in _resolve_one(source, allow_remote)]
+        check_url(source, allow_remote, "the data source")
+        benchmark = find_split(source, split)
+        if benchmark is not None:
+            shards = [Shard(url, None, index, benchmark) for url in _benchmark_urls(source, benchmark)]
+        elif split is not None:
+            raise UserError(f"--split {split} applies to CLIP_benchmark folders (ROOT/SPLIT/nshards.txt); "
+                            f"{source} is not one")
+        else:
+            shards = [Shard(url, count, index) for url, count in _resolve_one(source, allow_remote)]
         if need_counts:
             shards = [_with_count(shard) for shard in shards]
         groups.append(shards)
@@ -81,7 +97,6 @@ def total_samples(shards: Sequence[Shard]) -> Optional[int]:
 
 
 def _resolve_one(source: str, allow_remote: bool) -> list[tuple[str, Optional[int]]]:
-    check_url(source, allow_remote, "the data source")
     if "{" in source:
         return _from_pattern(source, allow_remote)
     if is_remote(source):
@@ -123,7 +138,19 @@ def _from_manifest(manifest: Path, allow_remote: bool) -> list[tuple[str, Option
     return shards
 
 
-def _inside(folder: Path, name: str, where: str) -> Path:
+def _benchmark_urls(source: str, benchmark: BenchmarkSplit) -> list[str]:
+    """The split's shard URLs; local ones must exist and stay inside the folder the user named."""
+    urls = [join(benchmark.folder, name) for name in benchmark.shard_names]
+    if is_remote(benchmark.folder):
+        return urls
+    where = join(benchmark.folder, "nshards.txt")
+    given = local_path(source)
+    urls = [str(_inside(given, os.path.relpath(url, given), where, "the folder named")) for url in urls]
+    _require_local_files(urls, where)
+    return urls
+
+
+def _inside(folder: Path, name: str, where: str, owner: str = "the manifest's folder") -> Path:
     """`folder / name`, refused unless it stays inside `folder` (symlinks followed): a manifest
     names its own shards, never other files on the machine."""
     if scheme_of(name) == "file" or os.path.isabs(name):
@@ -131,7 +158,7 @@ def _inside(folder: Path, name: str, where: str) -> Path:
     path = folder / name
     root = folder.resolve()
     if not path.resolve().is_relative_to(root):
-        raise UserError(f"{where}: {name!r} points outside the manifest's folder {root}")
+        raise UserError(f"{where}: {name!r} points outside {owner} {root}")
     return path
 
 
@@ -223,7 +250,7 @@ def _with_count(shard: Shard) -> Shard:
         raise UserError(
             f"sample count unknown for {shard.url}: add a manifest.json, sizes.json or _stats.json"
         )
-    return Shard(shard.url, count_tar_samples(shard.url), shard.source)
+    return replace(shard, count=count_tar_samples(shard.url))
 
 
 def count_tar_samples(path: str | Path) -> int:
