@@ -1,4 +1,4 @@
-"""`mmssl prep csv|folder|coco|synthetic`: parsers only; the work lives in the sibling modules."""
+"""`mmssl prep csv|folder|coco|synthetic|export-clip-benchmark`: parsers only; the work lives in the sibling modules."""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +103,15 @@ def run_coco(args) -> int:
     return 0
 
 
+def run_export_clip_benchmark(args) -> int:
+    from data_prep import clip_benchmark_export
+
+    summary = clip_benchmark_export.export(args.data, args.out, split=args.split, dataset_type=args.dataset_type,
+                                           shard_size=args.shard_size, overwrite=args.overwrite, quiet=args.quiet)
+    print(clip_benchmark_export.summary_line(summary))
+    return 0
+
+
 def register(subparsers) -> None:
     prep = subparsers.add_parser("prep", help="turn raw data into webdataset shards")
     modes = prep.add_subparsers(dest="prep_mode", metavar="MODE")
@@ -145,3 +154,18 @@ def register(subparsers) -> None:
     _add_image_options(captions)
     _add_output_options(captions)
     captions.set_defaults(func=run_coco)
+
+    benchmark = modes.add_parser("export-clip-benchmark",
+                                 help="write mmssl shards in CLIP_benchmark's webdataset layout (wds/NAME)")
+    benchmark.add_argument("--data", required=True, help="mmssl shards (a folder with manifest.json, or a pattern)")
+    benchmark.add_argument("--out", required=True, help="the CLIP_benchmark folder (OUT/SPLIT/0.tar ..., nshards.txt, "
+                                                        "classnames.txt, zeroshot_classification_templates.txt, "
+                                                        "dataset_type.txt); other splits already there are kept")
+    benchmark.add_argument("--split", default="test", help="split folder to write (default: test)")
+    benchmark.add_argument("--dataset-type", choices=("auto", "classification", "retrieval"), default="auto",
+                           help="auto: classification when every sample has a label, else retrieval")
+    benchmark.add_argument("--shard-size", type=_positive_int, default=10_000, help="samples per shard")
+    benchmark.add_argument("--overwrite", action="store_true",
+                           help="replace the split (and top-level files with other content) already in --out")
+    benchmark.add_argument("--quiet", action="store_true", help="no progress bar")
+    benchmark.set_defaults(func=run_export_clip_benchmark)
