@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
-from mmssl.data.urls import is_remote, local_path, open_shard
+from mmssl.data.urls import is_remote, local_path, read_text
 from mmssl.errors import UserError
 
 DEFAULT_SPLIT = "test"
@@ -132,26 +132,6 @@ def benchmark_captions(text: bytes) -> list[str]:
 
 def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if is_remote(base) else str(Path(base) / name)
-
-
-def read_text(url: str, limit: int, missing_ok: bool = False) -> Optional[str]:
-    """A small UTF-8 text file (local, or remote through `mmssl.data.urls`) of at most `limit`
-    bytes; None when it does not exist and `missing_ok`, else a one-line UserError."""
-    try:
-        with open_shard(url) as stream:
-            data = stream.read(limit + 1)
-    except FileNotFoundError:
-        if missing_ok:
-            return None
-        raise UserError(f"not found: {url}") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {url}: {err}") from None
-    if len(data) > limit:
-        raise UserError(f"{url} is over {limit} bytes: not a CLIP_benchmark {Path(url).name}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{url} is not UTF-8 text") from None
 
 
 def _split_at(root: str, split: str, folder: str) -> BenchmarkSplit:

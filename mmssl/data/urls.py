@@ -67,3 +67,24 @@ def open_shard(url: str) -> BinaryIO:
         return fsspec.open(url, "rb").open()
     except ImportError as err:  # e.g. http needs aiohttp, s3 needs s3fs
         raise UserError(f"reading {scheme}: URLs needs an extra package: {err}") from None
+
+
+def read_text(url: str, limit: int, missing_ok: bool = False) -> str | None:
+    """A small UTF-8 text file named by data (local, or remote as `open_shard` reads it) of at
+    most `limit` bytes, read no further than that; None when it does not exist and `missing_ok`,
+    else a one-line UserError. `check_url` has decided whether `url` may be read."""
+    try:
+        with open_shard(url) as stream:
+            data = stream.read(limit + 1)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UserError(f"not found: {url}") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {url}: {err}") from None
+    if len(data) > limit:
+        raise UserError(f"{url} is over {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{url} is not UTF-8 text") from None
