@@ -1,4 +1,5 @@
-"""`mmssl eval zeroshot | retrieval | linear-probe`: CLIP_benchmark-style JSON on stdout (and --output).
+"""`mmssl eval zeroshot | retrieval | linear-probe | suite`: CLIP_benchmark-style JSON on stdout (and
+--output); `suite` runs a datasets file for several models (eval/suite.py).
 
 Only argparse and pathlib at import time: torch, open_clip and FAISS load inside the handlers.
 NaN metrics (acc5 with fewer than 5 classes) are written as JSON null so any JSON reader accepts them.
@@ -46,6 +47,20 @@ def register(subparsers) -> None:
     probe.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     probe.set_defaults(func=run_linear_probe_command)
 
+    suite = tasks.add_parser("suite", help="several models on the evaluations a datasets file lists, "
+                                           "each model loaded once; one JSON per pair, one table")
+    suite.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                       help="mmssl checkpoints (.pt or run folders) and/or openclip:NAME[:WEIGHTS]")
+    suite.add_argument("--datasets", required=True, type=Path,
+                       help="one evaluation a line: 'zeroshot DATA', 'retrieval DATA', 'linear-probe TRAIN TEST', "
+                            "then options (name=, split=, classnames=, templates=, seed=); # comments; "
+                            "paths relative to the file's folder")
+    suite.add_argument("--out", type=Path, default=Path("eval_suite"),
+                       help="one JSON per (model, evaluation) and results.csv / results.md (default: eval_suite); "
+                            "a rerun skips the pairs already there")
+    _add_run_options(suite)
+    suite.set_defaults(func=run_suite_command)
+
 
 def _add_split_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None,
@@ -56,6 +71,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="mmssl checkpoint (.pt or run folder), or openclip:NAME[:WEIGHTS]")
     parser.add_argument("--output", type=Path, help="also write the result JSON here")
+    _add_run_options(parser)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes")
     parser.add_argument("--allow-remote", action="store_true",
@@ -96,8 +115,21 @@ def run_linear_probe_command(args) -> int:
     _emit(result, args.output)
 
 
+def run_suite_command(args) -> int:
+    from eval.suite import RESULTS_MD, run_suite
+
+    run_suite(args.checkpoint, args.datasets, args.out, batch_size=args.batch_size, workers=args.workers,
+              precision=args.precision, allow_remote=args.allow_remote)
+    print((args.out / RESULTS_MD).read_text(), end="")
+
+
+def result_text(result: dict) -> str:
+    """A result as `mmssl eval` prints and writes it: indented JSON, NaN as null."""
+    return json.dumps(_nan_to_null(result), indent=2)
+
+
 def _emit(result: dict, output: Path | None) -> None:
-    text = json.dumps(_nan_to_null(result), indent=2)
+    text = result_text(result)
     print(text)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
