@@ -7,6 +7,8 @@ Import them as `from helpers import ...`: pytest puts tests/ on sys.path (like `
 from __future__ import annotations
 
 import copy
+import functools
+import http.server
 import io
 import json
 import os
@@ -73,6 +75,21 @@ def write_micro_model(folder: Path, cfg: dict | None = None, name: str = "micro.
     return path
 
 
+def write_micro_checkpoint(path: Path, seed: int = 0) -> Path:
+    """PATH: an mmssl checkpoint of MICRO_MODEL (config written beside it as micro.json), random
+    init from `seed`: the cheapest model `mmssl eval` and `mmssl export` take."""
+    import mmssl
+    from mmssl.config import ExperimentConfig, ModelConfig, to_dict
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    model_cfg = ModelConfig(name=str(write_micro_model(Path(path).parent).resolve()))
+    torch.manual_seed(seed)
+    model = mmssl.create_model(model_cfg)
+    torch.save({"model": model.state_dict(), "config": to_dict(ExperimentConfig(model=model_cfg)), "heads": {},
+                "step": 0}, path)
+    return Path(path)
+
+
 def micro_overrides(world: Path, output) -> list:
     """The overrides that shrink the tiny config to seconds on a `world` folder (see conftest.py):
     micro model, batch 16, one thread, no periodic validation, no checkpoints."""
@@ -134,6 +151,28 @@ def to_tensor(image):
 def length_tokenizer(captions):
     """Stands in for model.tokenizer: one row per caption, deterministic content."""
     return torch.tensor([[len(c), sum(map(ord, c)) % 1000] for c in captions])
+
+
+class QuietFolderHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files of a folder without logging every request to stderr."""
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def http_server(handler=QuietFolderHandler, directory=None):
+    """Base URL of a loopback HTTP server: `handler` (a BaseHTTPRequestHandler class), given
+    `directory` when there is one (a folder served as a remote dataset or image host looks)."""
+    factory = functools.partial(handler, directory=str(directory)) if directory is not None else handler
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), factory)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------- the command line

@@ -1,16 +1,13 @@
 """Shard lists are data: a downloaded manifest, brace pattern or config value must not run commands,
 read outside its folder, or make the reader allocate without bound; remote shards need an opt-in."""
-import functools
-import http.server
 import io
 import json
 import struct
 import tarfile
-import threading
 
 import pytest
 
-from helpers import length_tokenizer, to_tensor, write_shards
+from helpers import http_server, length_tokenizer, to_tensor, write_shards
 from image_bytes import png_header
 from mmssl.cli import main
 from mmssl.data import build_eval_loader, resolve_shards
@@ -111,14 +108,8 @@ def test_remote_shards_need_the_opt_in(tmp_path, capsys):
 def http_shards(tmp_path):
     """A loopback HTTP server over a shard folder (what a remote dataset looks like)."""
     data = write_shards(tmp_path / "served", [3, 2])
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", data
-    server.shutdown()
-    server.server_close()
+    with http_server(directory=data) as url:
+        yield url, data
 
 
 def test_remote_shards_are_read_through_fsspec_when_allowed(http_shards):
