@@ -393,3 +393,15 @@ def test_a_folder_claiming_a_caption_index_it_lacks_is_refused(indexes, tmp_path
     (copy / "index_info.json").write_text(json.dumps({**info, "modalities": ["text", "audio"]}))
     with pytest.raises(UserError, match="'modalities' must list 'image', then optionally 'text'"):
         load_index_folder(copy)
+
+
+def test_index_search_command_searches_the_captions(indexes, searchers, capsys):
+    from helpers import exit_code
+
+    caption = searchers["syn"].folder.metadata.captions[3]
+    assert exit_code(["index", "search", "--index", str(indexes["syn"]), "--text", caption, "-k", "2",
+                      "--modality", "text"]) == 0
+    first = capsys.readouterr().out.splitlines()[1]
+    assert first.split(None, 3)[3] == caption and float(first.split()[1]) > 0.999
+    assert exit_code(["index", "search", "--index", str(indexes["plain"]), "--text", "x", "--modality", "text"]) == 2
+    assert "holds no text index" in capsys.readouterr().err

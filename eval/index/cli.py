@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     query.add_argument("--text", help="text query")
     query.add_argument("--image", help="image file query")
     search.add_argument("-k", type=int, default=10, help=f"results to print (1..{MAX_K}, default 10)")
+    search.add_argument("--modality", choices=("image", "text"), default="image",
+                        help="search the images (default) or the captions (an index built with --modality image,text)")
     search.add_argument("--output", type=Path, help="also write the hits as JSON here (with each hit's metadata row)")
     search.set_defaults(func=run_search)
 
@@ -144,14 +146,15 @@ def run_search(args: argparse.Namespace) -> int:
     if path is not None and not path.is_file():
         raise UserError(f"image not found: {path}")
     searcher = Searcher.open(args.index)
+    searcher.folder.index_for(args.modality)          # a folder without captions: one line, exit 2
     if args.text is not None:
-        hits = searcher.search_texts([args.text], args.k)[0]
+        hits = searcher.search_texts([args.text], args.k, args.modality)[0]
     else:
         try:
             image = searcher.require_encoder().prepare_image(path.read_bytes())
         except ImageRefused as err:
             raise UserError(f"{path}: {err}") from None
-        hits = searcher.search_images([image], args.k)[0]
+        hits = searcher.search_images([image], args.k, args.modality)[0]
     width = max([len("key")] + [len(hit.key) for hit in hits])
     print(f"{'rank':>4}  {'score':>7}  {'key':<{width}}  caption")
     for hit in hits:
@@ -170,6 +173,7 @@ def _write_hits(path: Path, args: argparse.Namespace, hits: list, metadata) -> N
         "index": args.index,
         "query": args.text if args.text is not None else args.image,
         "query_type": "text" if args.text is not None else "image",
+        "modality": args.modality,
         "k": args.k,
         "results": [{**metadata.row(hit.id), **asdict(hit)} for hit in hits],
     }

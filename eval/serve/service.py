@@ -101,13 +101,14 @@ class Service:
                 if kind == "image_url":
                     from eval.serve.image_urls import fetch_image_bytes
 
-                    value = await anyio.to_thread.run_sync(
+                    data = await anyio.to_thread.run_sync(
                         fetch_image_bytes, value, self.options.max_body_bytes, self.options.image_url_timeout,
                         limiter=self._fetchers)
-                else:
-                    value = decode_base64_image(value)
-                tensor = await anyio.to_thread.run_sync(_admit, encoder, value, self.options.image_limits,
-                                                        limiter=self._decoders)
+                    tensor = await anyio.to_thread.run_sync(_admit, encoder, data, self.options.image_limits,
+                                                            limiter=self._decoders)
+                else:   # base64 text of up to a body's size: decoded off the event loop too
+                    tensor = await anyio.to_thread.run_sync(_admit_base64, encoder, value, self.options.image_limits,
+                                                            limiter=self._decoders)
         except TimeoutError:
             raise self.timed_out() from None
         reservation.release()      # only the small input tensor is left
@@ -184,6 +185,10 @@ def _index_health(served: ServedIndex, ok: bool) -> dict:
             "worker_restarts": batcher.restarts, "skipped_cancelled": batcher.skipped_cancelled,
             "text_cache_hit_rate": round(encoder.cache_hits / lookups, 4) if lookups else None,
             "text_cache_bytes": encoder.cache_bytes_used if encoder else None}
+
+
+def _admit_base64(encoder, image: str, limits):
+    return _admit(encoder, decode_base64_image(image), limits)
 
 
 def _admit(encoder, data: bytes, limits):
