@@ -9,15 +9,12 @@ import json
 import shutil
 import subprocess
 import tarfile
-import threading
-from contextlib import contextmanager
-from functools import partial
 
 import numpy as np
 import pytest
 import requests
 
-from helpers import CHROMIUM, CHROMIUM_FLAGS, anchor, build_index, serving
+from helpers import CHROMIUM, CHROMIUM_FLAGS, anchor, build_index, http_server, serving
 
 NUM_ITEMS = 40
 
@@ -274,19 +271,6 @@ class _ImageHost(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def http_server(handler, directory=None):
-    factory = partial(handler, directory=str(directory)) if directory else handler
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), factory)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_image_urls_are_fetched_only_when_allowed_and_within_limits(searchers):
     searcher = searchers["syn"]
     _ImageHost.image = stored_image(searcher, 5)
@@ -334,7 +318,7 @@ probe();
 def test_clip_retrievals_web_front_shows_result_images_from_another_origin(searchers, tmp_path):
     front = tmp_path / "front"
     shutil.copytree(anchor("clip_retrieval") / "front" / "build", front)     # the wheel's files, unchanged
-    with http_server(http.server.SimpleHTTPRequestHandler, front) as front_url:
+    with http_server(directory=front) as front_url:
         with serving(searchers, cors_origins=(front_url,)) as back:
             (front / "probe.html").write_text(PROBE.format(back=back))
             command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
