@@ -26,7 +26,7 @@ from mmssl.errors import UserError
 # the installed `mmssl.configs` package: the repo's configs/ in an editable install, mmssl/configs in a wheel
 BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 
-LOSS_KINDS = ("clip", "siglip")
+LOSS_KINDS = ("clip", "siglip", "simclr", "moco")   # simclr / moco: the image tower alone
 INPAINT_MODES = ("separate", "shared")
 OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means, and the device policy: mmssl.train.policy
@@ -92,19 +92,32 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """The objective: contrastive (clip or siglip) plus weighted auxiliary heads."""
+    """The objective: contrastive (clip or siglip; simclr or moco for the image tower alone) plus
+    weighted auxiliary heads, and the momentum queue (MoCo / ALBEF)."""
 
-    kind: str = "clip"            # clip | siglip
+    kind: str = "clip"            # clip | siglip | simclr | moco
     local_loss: bool = False
     gather_with_grad: bool = False
     mlm_weight: float = 0.0       # one <term>_weight per auxiliary term of mmssl.objective.TERMS; 0 = off
     inpaint_weight: float = 0.0
+    simclr_weight: float = 0.0    # SLIP: SimCLR on two views of each image beside the image-text loss
+    simclr_temperature: float = 0.1
+    queue_size: int = 0           # momentum queue of keys used as extra negatives; 0 = off (moco: 65536)
+    momentum: float = 0.995       # EMA of the momentum towers (ALBEF 0.995, MoCo 0.999)
+    distill_alpha: float = 0.0    # ALBEF momentum distillation: weight of the momentum model's soft targets
+    moco_temperature: float = 0.2
 
     def __post_init__(self):
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
         check_values("loss", self, [("kind", self.kind in LOSS_KINDS, one_of(LOSS_KINDS))] + [
             (name, getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), "must be >= 0 (0: off)")
-            for name in weights])
+            for name in weights] + [
+            ("simclr_temperature", _finite_positive(self.simclr_temperature), "must be > 0"),
+            ("moco_temperature", _finite_positive(self.moco_temperature), "must be > 0"),
+            ("queue_size", isinstance(self.queue_size, int) and self.queue_size >= 0, "must be an integer >= 0 (0: off)"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "must be in [0, 1)"),
+            ("distill_alpha", 0.0 <= self.distill_alpha <= 1.0, "must be in [0, 1]"),
+        ])
 
 
 @dataclass

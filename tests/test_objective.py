@@ -118,8 +118,14 @@ def test_config_errors(micro_json, tmp_path):
         build(micro_json, "loss.inpaint_weight=1", "heads.inpaint.mode=shared", "model.patch_dropout=0.5")
     with pytest.raises(UserError, match=r"bad value for heads.inpaint.mode: 'both' \(must be one of separate, shared\)"):
         build(micro_json, "loss.inpaint_weight=1", "heads.inpaint.mode=both")
-    with pytest.raises(UserError, match=r"bad value for loss.kind: 'sigmoid' \(must be one of clip, siglip\)"):
+    with pytest.raises(UserError, match=r"bad value for loss.kind: 'sigmoid' \(must be one of clip, siglip, simclr, moco\)"):
         build(micro_json, "loss.kind=sigmoid")
+    from mmssl.objective import BUILT
+    for option in ("loss.kind=simclr", "loss.kind=moco", "loss.simclr_weight", "loss.queue_size", "loss.distill_alpha"):
+        if option not in BUILT:    # options of objectives still being built are refused, never ignored
+            value = "" if "=" in option else "=16" if option == "loss.queue_size" else "=0.5"
+            with pytest.raises(UserError, match=f"{option} is not available yet"):
+                build(micro_json, option + value)
     resnet = tmp_path / "resnet.json"
     resnet.write_text(json.dumps({**MICRO_MODEL, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}))
     config = tmp_path / "exp.yaml"
