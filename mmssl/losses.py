@@ -138,3 +138,80 @@ class SigLipLoss(nn.Module):
         logits = logit_scale * image_features @ text_features.T + logit_bias
         signs = self.signs(logits.shape[0], logits.shape[1], logits.device, logits.dtype)
         return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]
+
+
+class SimCLRLoss(nn.Module):
+    """NT-Xent (SimCLR: Chen et al. 2020, arXiv:2002.05709) on two (N, D) batches of projections.
+
+    With the 2N views z_1..z_2N L2-normalised, sim(u, v) = <u, v>, and p(i) the other view of
+    view i's image:
+
+        l(i) = -log( exp(sim(z_i, z_p(i)) / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
+        loss = (1 / 2N) * sum_i l(i)
+
+    so each view's positive is its partner and the other 2N - 2 views are its negatives. Across
+    processes the views are all-gathered with gradient; rank r scores its own 2n anchors against
+    all 2N views, so rank losses average to the global-batch loss and each rank's gradient is
+    world_size x its share (the trainer's gradient average over ranks makes it exact).
+    """
+
+    def __init__(self, temperature: float = 0.1, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.temperature = temperature
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        if z1.shape != z2.shape or z1.dim() != 2:
+            raise ValueError(f"SimCLRLoss needs two (N, D) batches of the same shape, got {tuple(z1.shape)} "
+                             f"and {tuple(z2.shape)}")
+        z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+        all1, all2 = z1, z2
+        if self.world_size > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            all1, all2 = torch.cat(all_gather(z1), dim=0), torch.cat(all_gather(z2), dim=0)
+        n = z1.shape[0]
+        labels = torch.arange(n, device=z1.device) + n * self.rank
+        own = F.one_hot(labels, all1.shape[0]).bool()
+        losses = []
+        for anchors, partners, same_view in ((z1, all2, all1), (z2, all1, all2)):
+            positives_and_others = anchors @ partners.T / self.temperature
+            same = (anchors @ same_view.T / self.temperature).masked_fill(own, float("-inf"))  # not itself
+            losses.append(F.cross_entropy(torch.cat([positives_and_others, same], dim=1), labels))
+        return (losses[0] + losses[1]) / 2
+
+
+def queue_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_keys: torch.Tensor,
+                           text_keys: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor,
+                           logit_scale: torch.Tensor, offset: int = 0, distill_alpha: float = 0.0) -> torch.Tensor:
+    """ALBEF's image-text contrastive loss with a momentum queue (Li et al. 2021, eq. 1-3).
+
+    Each of this rank's n online images is scored against the momentum text keys of the global
+    batch followed by the text queue, and each online text against the image keys and the image
+    queue: logits = logit_scale * <online, key>. Row i's positive is key `offset + i` (its own
+    sample's momentum key; offset = rank * n). The targets are one-hot, or with distillation
+    (1 - alpha) * one-hot + alpha * softmax(the momentum features' own logits against the same
+    columns). loss = (CE_i2t + CE_t2i) / 2, each the mean over rows of -sum_j target_ij log p_ij.
+    Keys and queues are constants (no gradient); the queues hold only filled entries. With empty
+    queues and keys equal to the online features it is CLIP's InfoNCE (`ClipLoss`).
+    """
+    rows = torch.arange(image_features.shape[0], device=image_features.device)
+    all_texts = torch.cat([text_keys, text_queue]).detach()
+    all_images = torch.cat([image_keys, image_queue]).detach()
+    per_image = logit_scale * image_features @ all_texts.T
+    per_text = logit_scale * text_features @ all_images.T
+    targets = torch.zeros_like(per_image)
+    targets[rows, rows + offset] = 1.0
+    targets_i2t = targets_t2i = targets
+    if distill_alpha > 0:
+        with torch.no_grad():
+            scale = logit_scale.detach()
+            own = slice(offset, offset + image_features.shape[0])
+            soft_i2t = F.softmax(scale * image_keys[own] @ all_texts.T, dim=1)
+            soft_t2i = F.softmax(scale * text_keys[own] @ all_images.T, dim=1)
+        targets_i2t = distill_alpha * soft_i2t + (1 - distill_alpha) * targets
+        targets_t2i = distill_alpha * soft_t2i + (1 - distill_alpha) * targets
+    loss_i2t = -(F.log_softmax(per_image, dim=1) * targets_i2t).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(per_text, dim=1) * targets_t2i).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
