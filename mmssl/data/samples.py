@@ -72,19 +72,28 @@ class SampleDecoder:
     None when random-resized-crop augmentation wants the full resolution).
     Captions come from `.txt`; when the json carries a `captions` list (COCO-style shards), one is
     picked per sample and epoch by a hash of (seed, epoch, key): deterministic, and it varies
-    across epochs.
+    across epochs. `captions=False` (image-only objectives) reads no caption and returns None for
+    it; `views` (a `mmssl.data.views.TwoViews`) adds the sample's two augmented views.
     """
 
-    def __init__(self, transform: Callable, decode_size: Optional[int] = None, seed: int = 0):
+    def __init__(self, transform: Callable, decode_size: Optional[int] = None, seed: int = 0,
+                 captions: bool = True, views=None):
         self.images = BatchedImageTransform(transform)
         self.decode_size = decode_size
         self.seed = seed
+        self.captions = captions
+        self.views = views
         self.corrupt = 0
 
     def __call__(self, raw: dict, epoch: int = 0):
-        """(image tensor, caption, key) for training."""
-        caption = self.guarded(raw, self.caption, raw, epoch)
-        return self.guarded(raw, self.image, raw), caption, raw.get("__key__")
+        """(image tensor, caption, key) for training, plus (view 1, view 2) when `views` is set."""
+        caption = self.guarded(raw, self.caption, raw, epoch) if self.captions else None
+        key = raw.get("__key__")
+        if self.views is None:
+            return self.guarded(raw, self.image, raw), caption, key
+        decoded = self.guarded(raw, self.decoded, raw)
+        image = self.guarded(raw, self.images.sample, decoded)
+        return image, caption, key, self.guarded(raw, self.views.sample, decoded, epoch, key)
 
     def guarded(self, raw: dict, function: Callable, *args):
         """function(*args), with any failure logged and turned into CorruptSample."""
@@ -97,10 +106,14 @@ class SampleDecoder:
             raise CorruptSample(raw.get("__key__")) from err
 
     def image(self, raw: dict):
+        return self.images.sample(self.decoded(raw))
+
+    def decoded(self, raw: dict):
+        """The sample's image, admitted (`mmssl.data.image_guard`) and decoded to PIL."""
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if data is None:
             raise CorruptSample("no image file")
-        return self.images.sample(admit_image(data, SHARD_LIMITS, self.decode_size))
+        return admit_image(data, SHARD_LIMITS, self.decode_size)
 
     def caption(self, raw: dict, epoch: int) -> str:
         meta = raw.get("json")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmssl.data import plan
 from mmssl.data.samples import CorruptSample, LostSamples, SampleDecoder, segment_samples, shard_samples
 from mmssl.data.sources import Shard, SourceSpec, resolve_sources
+from mmssl.data.views import TwoViews
 from mmssl.errors import UserError, require
 
 STATE_VERSION = 1
@@ -43,7 +44,8 @@ class TrainBatch(NamedTuple):
     images: torch.Tensor            # [B, 3, H, W], as the image transform made them
     texts: Optional[torch.Tensor]   # [B, context_length] token ids; None without a tokenizer
     keys: list                      # sample keys (str), for tracing and exact-resume checks
-    captions: list                  # the caption (str) each text was tokenised from
+    captions: list                  # the caption (str) each text was tokenised from; None each without captions
+    views: Optional[torch.Tensor] = None  # [2, B, 3, H, W] two augmented views per sample, only when asked
 
 
 @dataclass
@@ -80,7 +82,8 @@ class _TrainStream(IterableDataset):
         self.seed = loader.seed
         self.resampled = loader.resampled
         self.shuffle_buffer = loader.shuffle_buffer
-        self.decoder = SampleDecoder(loader.transform, loader.decode_size, loader.seed)
+        views = TwoViews(loader.views, loader.seed) if loader.views is not None else None
+        self.decoder = SampleDecoder(loader.transform, loader.decode_size, loader.seed, loader.captions, views)
         self.tokenizer = CachedTokenizer(loader.tokenizer) if loader.tokenizer is not None else None
         self.cursors = cursors
         self.rotation = rotation
@@ -128,10 +131,11 @@ class _TrainStream(IterableDataset):
                     return
 
     def _collate(self, samples: list) -> TrainBatch:
-        images, captions, keys = zip(*samples)
+        images, captions, keys, *views = zip(*samples)
         captions = list(captions)
-        texts = self.tokenizer(captions) if self.tokenizer is not None else None
-        return TrainBatch(self.decoder.images.batch(list(images)), texts, list(keys), captions)
+        texts = self.tokenizer(captions) if self.tokenizer is not None and self.decoder.captions else None
+        views = self.decoder.views.batch(list(views[0])) if views else None
+        return TrainBatch(self.decoder.images.batch(list(images)), texts, list(keys), captions, views)
 
     def _raw_epoch(self, worker: int, epoch: int) -> Iterator[tuple[int, dict]]:
         """(pass, raw sample) for this slot's epoch, shuffled; endless (later passes refill corrupt ones)."""
@@ -225,6 +229,8 @@ class TrainLoader:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         allow_remote: bool = False,
+        captions: bool = True,
+        views: Optional[Callable] = None,
     ):
         require(batch_size >= 1, f"batch size must be positive, got {batch_size}")
         self.groups = resolve_sources(source, need_counts=True, allow_remote=allow_remote)
@@ -245,6 +251,7 @@ class TrainLoader:
             f"{total} training samples are fewer than one global batch ({batch_size} x {self.world_size} ranks)",
         )
         self.transform, self.tokenizer, self.decode_size = transform, tokenizer, decode_size
+        self.captions, self.views = captions, views  # views: a PIL augmentation drawn twice per sample
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self._cursors = [Cursor() for _ in range(self.split.num_workers)]
@@ -314,6 +321,7 @@ class TrainLoader:
             "resampled": self.resampled,
             "weights": self.weights,
             "shuffle_buffer": self.shuffle_buffer,
+            **({"views": True} if self.views is not None else {}),
         }
 
 
@@ -327,8 +335,13 @@ def build_train_loader(
     decode_size: Optional[int] = None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    captions: bool = True,
+    views: Optional[Callable] = None,
 ) -> TrainLoader:
-    """A `TrainLoader` from a `DataConfig` (train, train_weights, resampled, shuffle_buffer, workers)."""
+    """A `TrainLoader` from a `DataConfig` (train, train_weights, resampled, shuffle_buffer, workers).
+
+    `captions=False` for image-only objectives; `views` (an augmentation) when an objective
+    contrasts two views of each image (`mmssl.data.views`)."""
     if not data_config.train:
         raise UserError("no training data: set data.train (a shard folder, brace pattern or list)")
     return TrainLoader(
@@ -345,4 +358,6 @@ def build_train_loader(
         decode_size=decode_size,
         rank=rank,
         world_size=world_size,
+        captions=captions,
+        views=views,
     )
