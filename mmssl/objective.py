@@ -37,21 +37,34 @@ from torch import nn
 
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
+from mmssl.heads.momentum import MomentumTowers
 from mmssl.heads.vit_tokens import encode_visible
-from mmssl.losses import ClipLoss, SigLipLoss
+from mmssl.losses import ClipLoss, SigLipLoss, queue_contrastive_loss
 from mmssl.models.text_trim import encode_text
 from mmssl.train.policy import autocast
 
 
 @dataclass
 class Draws:
-    """One step's random draws for the whole batch; `rows(start, stop)` is a micro-batch's share."""
+    """One step's random draws for the whole batch; `rows(start, stop)` is a micro-batch's share.
+    With the momentum queue on, also the step's momentum keys (whole-batch constants)."""
 
     batch_size: int                              # rows in the step's batch: normaliser of per-row means
     masks: dict = field(default_factory=dict)    # term name -> draw with .rows(start, stop)
+    keys: Optional["MomentumKeys"] = None
 
     def rows(self, start: int, stop: int) -> "Draws":
-        return Draws(self.batch_size, {name: mask.rows(start, stop) for name, mask in self.masks.items()})
+        return Draws(self.batch_size, {name: mask.rows(start, stop) for name, mask in self.masks.items()},
+                     self.keys)
+
+
+@dataclass
+class MomentumKeys:
+    """The momentum towers' keys of the global batch, and where this rank's rows start in it."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,8 @@ TERMS = (
 )
 
 
-BUILT: tuple = ()   # round-2 objectives that are implemented (the rest are refused, not ignored)
+# round-2 objectives that are implemented (the rest are refused, not ignored)
+BUILT: tuple = ("loss.queue_size", "loss.distill_alpha")
 
 
 def build_contrastive_loss(loss_cfg, rank: int = 0, world_size: int = 1) -> nn.Module:
@@ -139,6 +153,22 @@ class Objective(nn.Module):
             raise UserError("heads.inpaint.mode=shared already drops the masked patches from the contrastive "
                             "branch; set model.patch_dropout=0")
         self.unmasked_from_step = cfg.train.steps - cfg.heads.inpaint.unmasked_tune_steps
+        self.rank, self.world_size = rank, world_size
+        self.distill_alpha = cfg.loss.distill_alpha
+        if cfg.loss.distill_alpha > 0 and cfg.loss.queue_size == 0:
+            raise UserError("loss.distill_alpha needs the momentum model: set loss.queue_size > 0")
+        if cfg.loss.queue_size > 0:
+            if cfg.loss.kind != "clip":
+                raise UserError(f"loss.queue_size works with loss.kind=clip (ALBEF's queue), not {cfg.loss.kind}")
+            if self.shared_masking:
+                raise UserError("loss.queue_size with heads.inpaint.mode=shared is not supported: the keys would "
+                                "see full images while the queries see visible patches; use mode=separate")
+            self.heads["momentum"] = MomentumTowers(model, cfg.loss.queue_size, cfg.loss.momentum,
+                                                    model.visual.output_dim)
+
+    @property
+    def momentum(self) -> Optional[MomentumTowers]:
+        return self.heads["momentum"] if "momentum" in self.heads else None
 
     # ---- the pieces (what gradient accumulation calls) ----------------------------------
     def draw(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> Draws:
@@ -148,7 +178,25 @@ class Objective(nn.Module):
             mask = term.draw(self, images, texts, step) if term.draw else None
             if mask is not None:
                 draws.masks[term.name] = mask
+        if self.momentum is not None:
+            draws.keys = self._momentum_keys(images, texts)
         return draws
+
+    def _momentum_keys(self, images: torch.Tensor, texts: torch.Tensor) -> MomentumKeys:
+        """EMA step of the momentum towers, then their keys of the whole (global) batch."""
+        momentum = self.momentum
+        momentum.update(self.model)
+        with autocast(self.precision, images.device):
+            image_keys, text_keys = momentum.keys(images, texts)
+        image_keys, text_keys = image_keys.float(), text_keys.float()
+        if self.world_size > 1:
+            image_keys, text_keys = _gather_constants(image_keys, self.world_size), _gather_constants(text_keys, self.world_size)
+        return MomentumKeys(image_keys, text_keys, offset=self.rank * images.shape[0])
+
+    def end_step(self, draws: Draws) -> None:
+        """After the step's loss: its keys join the queues (every rank enqueues the same global keys)."""
+        if draws.keys is not None:
+            self.momentum.enqueue(draws.keys.images, draws.keys.texts)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws) -> dict:
         """open_clip's output dict for the contrastive loss; in shared mode also the visible patches.
@@ -168,8 +216,14 @@ class Objective(nn.Module):
             outputs["logit_bias"] = self.model.logit_bias
         return outputs
 
-    def contrastive_loss(self, outputs: dict) -> torch.Tensor:
-        """The contrastive term of a whole batch's outputs, in fp32."""
+    def contrastive_loss(self, outputs: dict, draws: Optional[Draws] = None) -> torch.Tensor:
+        """The contrastive term of a whole batch's outputs, in fp32 (against the momentum keys and
+        queues when the queue is on: `draws` carries the step's keys)."""
+        if self.momentum is not None:
+            image_queue, text_queue = self.momentum.negatives()
+            return queue_contrastive_loss(outputs["image_features"].float(), outputs["text_features"].float(),
+                                          draws.keys.images, draws.keys.texts, image_queue, text_queue,
+                                          outputs["logit_scale"].float(), draws.keys.offset, self.distill_alpha)
         keys = ("image_features", "text_features", "logit_scale") + (("logit_bias",) if self.siglip else ())
         return self.contrastive(*(outputs[key].float() for key in keys))
 
@@ -196,8 +250,10 @@ class Objective(nn.Module):
     def forward(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> dict:
         draws = self.draw(images, texts, step)
         outputs = self.encode(images, texts, draws)
-        terms = {"contrastive_loss": self.contrastive_loss(outputs), **self.aux_terms(images, texts, outputs, draws)}
+        terms = {"contrastive_loss": self.contrastive_loss(outputs, draws),
+                 **self.aux_terms(images, texts, outputs, draws)}
         terms["loss"] = self.total(terms)
+        self.end_step(draws)
         return terms
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -210,3 +266,12 @@ class Objective(nn.Module):
         for name, head in self.heads.items():
             if name in state:
                 head.load_state_dict(state[name])
+
+
+def _gather_constants(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's rows in rank order, without gradient (keys are constants)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

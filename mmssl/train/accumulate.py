@@ -33,7 +33,7 @@ def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torc
             cached.append(objective.encode(images[start:stop], texts[start:stop], draws.rows(start, stop)))
 
     leaves = _feature_leaves(cached)
-    contrastive = objective.contrastive_loss(_whole_batch(leaves))
+    contrastive = objective.contrastive_loss(_whole_batch(leaves), draws)
     contrastive.backward()
 
     aux_totals: dict = {}
@@ -51,6 +51,7 @@ def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torc
 
     terms = {"contrastive_loss": contrastive.detach(), **aux_totals}
     terms["loss"] = objective.total(terms)
+    objective.end_step(draws)
     return terms
 
 
