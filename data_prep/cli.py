@@ -138,9 +138,10 @@ def register(subparsers) -> None:
 
     images = modes.add_parser("folder", help="an image folder: sidecar .txt captions or class sub-folders")
     images.add_argument("--input", required=True, help="image folder")
-    images.add_argument("--layout", choices=("auto", "captions", "classes"), default="auto",
+    images.add_argument("--layout", choices=("auto", "captions", "classes", "images"), default="auto",
                         help="captions: IMAGE + IMAGE.txt; classes: CLASS/IMAGE (label + classname); "
-                             "auto: captions if any .txt caption exists, else classes")
+                             "images: no captions (image-only training); auto: captions if any .txt "
+                             "caption exists, else classes if there are sub-folders, else images")
     images.add_argument("--classnames", default=None,
                         help="classes layout: readable names, one per line, in sorted sub-folder order")
     images.add_argument("--templates", default=None, help="classes layout: zero-shot templates file with {}")

@@ -1,8 +1,10 @@
-"""`mmssl prep folder`: an image folder with sidecar captions, or ImageNet-style class folders.
+"""`mmssl prep folder`: an image folder with sidecar captions, ImageNet-style class folders, or plain images.
 
 captions layout: `a/b.jpg` + `a/b.txt` (the caption).  classes layout: `CLASS/.../image.jpg`;
 labels follow the sorted class-folder names (torchvision ImageFolder's order), classnames.txt and
 templates.txt are written beside the manifest so the folder is a zero-shot eval set as it stands.
+images layout: images without captions or labels (shards with no `.txt`), for image-only
+self-supervised training (`loss.kind=simclr`); auto picks it for a flat folder without captions.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class FolderImageProcessor:
             if row["label"] is None:
                 raise SampleFailure("image is not inside a class sub-folder")
             caption = row["classname"]
+        elif self.layout == "images":
+            caption = None
         else:
             caption_file = inside_root(self.root, str(Path(row["image"]).with_suffix(".txt")), "--input")
             caption = clean_caption(_read_caption_file(caption_file))
@@ -69,13 +73,11 @@ def find_images(root: Path) -> list[str]:
 
 
 def detect_layout(root: Path, images: list[str]) -> str:
-    from mmssl.errors import UserError
-
     if any((root / image).with_suffix(".txt").is_file() for image in images):
         return "captions"
     if any("/" in image for image in images):
         return "classes"
-    raise UserError(f"{root} has neither .txt captions beside its images nor class sub-folders")
+    return "images"
 
 
 def _class_names(folders: list[str], classnames_file) -> list[str]:
@@ -138,8 +140,8 @@ def prepare(
     from mmssl.errors import UserError
 
     check_image_options(image_size, resize_mode, quality, max_image_pixels)
-    if layout not in ("auto", "captions", "classes"):
-        raise UserError(f"unknown --layout {layout!r}: choose auto, captions or classes")
+    if layout not in ("auto", "captions", "classes", "images"):
+        raise UserError(f"unknown --layout {layout!r}: choose auto, captions, classes or images")
     root = Path(input_dir).resolve()
     if not root.is_dir():
         raise UserError(f"input folder not found: {root}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 # how an image is brought to --image-size (see data_prep.images.encode_image)
 RESIZE_MODES = ("border", "center_crop", "keep_ratio", "no")
@@ -18,10 +19,11 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 @dataclass
 class Sample:
-    """One shard entry: encoded JPEG bytes, the caption (`.txt`) and metadata (`.json`)."""
+    """One shard entry: encoded JPEG bytes, the caption (`.txt`; None: an image without caption) and
+    metadata (`.json`)."""
 
     jpg: bytes
-    txt: str
+    txt: Optional[str]
     meta: dict = field(default_factory=dict)
 
 

@@ -135,13 +135,14 @@ def _tar_end(written: int) -> bytes:
 
 
 def sample_members(key: str, sample) -> bytes:
-    """A sample's three tar members ({key}.jpg, .txt, .json), ready to append to a shard.
+    """A sample's tar members ({key}.jpg, .txt, .json; no .txt for an image without caption),
+    ready to append to a shard.
 
     The json's `key` is always the member key; a source field called `key` stays as `source_key`.
     """
     meta = _json_text(sample_meta(sample.meta, {"key": key})).encode("utf-8")
-    return (_tar_member(f"{key}.jpg", sample.jpg) + _tar_member(f"{key}.txt", sample.txt.encode("utf-8"))
-            + _tar_member(f"{key}.json", meta))
+    caption = b"" if sample.txt is None else _tar_member(f"{key}.txt", sample.txt.encode("utf-8"))
+    return _tar_member(f"{key}.jpg", sample.jpg) + caption + _tar_member(f"{key}.json", meta)
 
 
 def write_shard(out_dir: Path, shard: int, members: list, stats: dict) -> None:

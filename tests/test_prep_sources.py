@@ -227,10 +227,19 @@ def test_folder_with_class_subfolders(tmp_path, layout):
     assert reasons[1:] == (["image is not inside a class sub-folder"] if layout == "classes" else [])
 
 
-def test_folder_needs_captions_or_classes(tmp_path, capsys):
+def test_folder_of_plain_images_makes_shards_without_captions(tmp_path):
+    """No .txt and no class folders (or --layout images): image-only shards, for loss.kind=simclr."""
     _image(tmp_path / "in" / "a.jpg")
-    assert main(["prep", "folder", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 2
-    assert "neither .txt captions beside its images nor class sub-folders" in capsys.readouterr().err
+    _image(tmp_path / "in" / "b.png", seed=1)
+    _image(tmp_path / "classes" / "cat" / "c.jpg", seed=2)
+    assert main(["prep", "folder", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 0
+    assert main(["prep", "folder", "--input", str(tmp_path / "classes"), "--out", str(tmp_path / "forced"),
+                 "--layout", "images"]) == 0
+    for out, count in ((tmp_path / "o", 2), (tmp_path / "forced", 1)):
+        samples = list(_samples(out).values())
+        assert len(samples) == count and all(set(s) == {"jpg", "json"} for s in samples)
+        assert json.loads((out / "manifest.json").read_text())["layout"] == "images"
+        assert not (out / "classnames.txt").exists()
 
 
 def test_coco_keeps_all_captions(tmp_path):
