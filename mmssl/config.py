@@ -158,9 +158,24 @@ class InpaintHeadConfig:
 
 
 @dataclass
+class SimCLRHeadConfig:
+    """SLIP's projection MLP (mmssl.heads.simclr); 0 = SLIP's size scaled to the image tower's width."""
+
+    hidden_dim: int = 0           # 0: 16/3 x width (4096 at ViT-B's 768)
+    out_dim: int = 0              # 0: width / 3 (256 at ViT-B's 768)
+
+    def __post_init__(self):
+        check_values("heads.simclr", self, [
+            ("hidden_dim", isinstance(self.hidden_dim, int) and self.hidden_dim >= 0, "must be an integer >= 0 (0: scaled)"),
+            ("out_dim", isinstance(self.out_dim, int) and self.out_dim >= 0, "must be an integer >= 0 (0: scaled)"),
+        ])
+
+
+@dataclass
 class HeadsConfig:
     mlm: MLMHeadConfig = field(default_factory=MLMHeadConfig)
     inpaint: InpaintHeadConfig = field(default_factory=InpaintHeadConfig)
+    simclr: SimCLRHeadConfig = field(default_factory=SimCLRHeadConfig)
 
 
 @dataclass

@@ -65,3 +65,23 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def pooled_output(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The image tower's pooled output before its projection: [B, width] for an open_clip ViT
+    (its own forward up to `proj`, patch dropout included), the tower's output for any other tower."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        return visual(images)
+    pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+    return pooled
+
+
+def pooled_width(visual: nn.Module, embed_dim: int) -> int:
+    """Width of `pooled_output`: the ViT's pooled width, else the model's embedding size."""
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return visual.proj.shape[0] if visual.proj is not None else embed_dim
+    return embed_dim
