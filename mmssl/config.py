@@ -28,6 +28,7 @@ BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 
 LOSS_KINDS = ("clip", "siglip", "simclr", "moco")   # simclr / moco: the image tower alone
 INPAINT_MODES = ("separate", "shared")
+SIMCLR_INPUTS = ("auto", "pooled", "projected")
 OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means, and the device policy: mmssl.train.policy
 
@@ -163,9 +164,11 @@ class SimCLRHeadConfig:
 
     hidden_dim: int = 0           # 0: 16/3 x width (4096 at ViT-B's 768)
     out_dim: int = 0              # 0: width / 3 (256 at ViT-B's 768)
+    input: str = "auto"           # pooled | projected | auto (pooled for SLIP, projected for loss.kind=simclr)
 
     def __post_init__(self):
         check_values("heads.simclr", self, [
+            ("input", self.input in SIMCLR_INPUTS, one_of(SIMCLR_INPUTS)),
             ("hidden_dim", isinstance(self.hidden_dim, int) and self.hidden_dim >= 0, "must be an integer >= 0 (0: scaled)"),
             ("out_dim", isinstance(self.out_dim, int) and self.out_dim >= 0, "must be an integer >= 0 (0: scaled)"),
         ])

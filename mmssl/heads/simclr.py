@@ -7,6 +7,11 @@ head stays in proportion on the tiny CPU configs: hidden = 16/3 x width (4096 at
 tiny-vit-64's 192) and out = width / 3 (256 at 768; 64 at 192), each rounded up to a multiple of
 8; `heads.simclr.hidden_dim` / `out_dim` set them explicitly.
 
+Input (`heads.simclr.input`): SLIP's pooled output (before the image projection) beside an
+image-text loss; for image-only training (`loss.kind=simclr`) the tower's projected embedding,
+so the projection is trained as the backbone's last layer and the features every evaluation,
+index and fine-tune read (`encode_image`) are the trained ones ("auto" picks this way).
+
 One deliberate change: LayerNorm where SLIP has (Sync)BatchNorm. Batch statistics would make
 each micro-batch of gradient accumulation, and each rank, normalise differently from the whole
 batch, so neither would equal the full-batch step; a per-sample norm keeps both exact.
@@ -33,7 +38,8 @@ class SimCLRHead(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: SimCLRHeadConfig):
         super().__init__()
-        width = pooled_width(model.visual, model.visual.output_dim)
+        self.projected = cfg.input == "projected"   # "auto" is resolved by the objective (mmssl.objective)
+        width = model.visual.output_dim if self.projected else pooled_width(model.visual, model.visual.output_dim)
         hidden, out = slip_sizes(width, cfg)
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
@@ -43,4 +49,4 @@ class SimCLRHead(nn.Module):
 
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] views -> [B, out] projections (not normalised: the loss does that)."""
-        return self.mlp(pooled_output(model.visual, images))
+        return self.mlp(model.visual(images) if self.projected else pooled_output(model.visual, images))
