@@ -1,4 +1,4 @@
-"""`mmssl eval zeroshot | retrieval | linear-probe | suite`: CLIP_benchmark-style JSON on stdout (and
+"""`mmssl eval zeroshot | retrieval | linear-probe | knn | suite`: CLIP_benchmark-style JSON on stdout (and
 --output); `suite` runs a datasets file for several models (eval/suite.py).
 
 Only argparse and pathlib at import time: torch, open_clip and FAISS load inside the handlers.
@@ -47,6 +47,14 @@ def register(subparsers) -> None:
     probe.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     probe.set_defaults(func=run_linear_probe_command)
 
+    knn = tasks.add_parser("knn", help="k-NN classifier on frozen image features (cosine, weighted vote)")
+    _add_model_options(knn)
+    knn.add_argument("--train", required=True, help="labelled set the neighbours come from (a CLIP_benchmark "
+                                                    "folder: its train split)")
+    knn.add_argument("--test", required=True, help="labelled test set (a CLIP_benchmark folder: its test split)")
+    knn.add_argument("--k", type=_positive_int, default=20, help="neighbours per test image (default 20)")
+    knn.set_defaults(func=run_knn_command)
+
     suite = tasks.add_parser("suite", help="several models on the evaluations a datasets file lists, "
                                            "each model loaded once; one JSON per pair, one table")
     suite.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
@@ -86,8 +94,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def run_zeroshot_command(args) -> int:
     from eval.embed import load_model
     from eval.zeroshot import run_zeroshot, write_confusion, write_per_class
+    from mmssl.models.factory import require_text_tower
 
-    outcome = run_zeroshot(load_model(args.checkpoint, args.precision), args.data, args.classnames,
+    loaded = load_model(args.checkpoint, args.precision)
+    require_text_tower(loaded.model, "mmssl eval zeroshot")
+    outcome = run_zeroshot(loaded, args.data, args.classnames,
                            args.templates, args.batch_size, args.workers, allow_remote=args.allow_remote,
                            split=args.split)
     if args.per_class:
@@ -100,8 +111,11 @@ def run_zeroshot_command(args) -> int:
 def run_retrieval_command(args) -> int:
     from eval.embed import load_model
     from eval.retrieval import run_retrieval
+    from mmssl.models.factory import require_text_tower
 
-    outcome = run_retrieval(load_model(args.checkpoint, args.precision), args.data, args.batch_size, args.workers,
+    loaded = load_model(args.checkpoint, args.precision)
+    require_text_tower(loaded.model, "mmssl eval retrieval")
+    outcome = run_retrieval(loaded, args.data, args.batch_size, args.workers,
                             allow_remote=args.allow_remote, split=args.split)
     _emit(outcome["result"], args.output)
 
@@ -112,6 +126,15 @@ def run_linear_probe_command(args) -> int:
 
     result = run_linear_probe(load_model(args.checkpoint, args.precision), args.train, args.test,
                               args.batch_size, args.workers, args.seed, allow_remote=args.allow_remote)
+    _emit(result, args.output)
+
+
+def run_knn_command(args) -> int:
+    from eval.embed import load_model
+    from eval.knn import run_knn
+
+    result = run_knn(load_model(args.checkpoint, args.precision), args.train, args.test, args.k,
+                     args.batch_size, args.workers, allow_remote=args.allow_remote)
     _emit(result, args.output)
 
 

@@ -136,6 +136,9 @@ def embed_images(loaded: LoadedModel, batches, description: str = "images") -> E
 def embed_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256,
                 description: str = "texts") -> tuple[np.ndarray, float]:
     """(normalised text features [len(texts), D], seconds inside model.encode_text)."""
+    from mmssl.models.factory import require_text_tower
+
+    require_text_tower(loaded.model, "embedding text")
     features, encode_seconds = [], 0.0
     progress = _progress(len(texts), description, "txt")
     with torch.inference_mode(), precision_context(loaded):

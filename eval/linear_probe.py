@@ -93,12 +93,10 @@ def _best_of(grid_indices, score) -> int:
     return best_index
 
 
-def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, workers: int = 2,
-                     seed: int = 0, allow_remote: bool = False) -> dict:
-    """Embed a labelled train and test set with a loaded model and probe; CLIP_benchmark-shaped result.
-
-    A CLIP_benchmark folder given as `train` is read at its `train` split, as `test` at its `test`
-    split (the same folder may be both); name a split folder itself to read another split."""
+def embed_train_test(loaded, train: str, test: str, batch_size: int, workers: int, allow_remote: bool,
+                     needed_by: str) -> dict:
+    """{"train": Embedded, "test": Embedded}: frozen, normalised image features of two labelled
+    sets (a CLIP_benchmark folder is read at its train / test split); unlabelled data is refused."""
     from eval.embed import embed_images, evaluation_mode, open_eval_data
     from mmssl.data.benchmark_layout import default_split
     from mmssl.errors import UserError
@@ -110,8 +108,18 @@ def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, worke
         with evaluation_mode(loaded.model):
             embedded = embed_images(loaded, batches, split)
         if embedded.labels is None:
-            raise UserError(f"{data}: samples carry no 'label' in their json; the linear probe needs labels")
+            raise UserError(f"{data}: samples carry no 'label' in their json; {needed_by} needs labels")
         sets[split] = embedded
+    return sets
+
+
+def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, workers: int = 2,
+                     seed: int = 0, allow_remote: bool = False) -> dict:
+    """Embed a labelled train and test set with a loaded model and probe; CLIP_benchmark-shaped result.
+
+    A CLIP_benchmark folder given as `train` is read at its `train` split, as `test` at its `test`
+    split (the same folder may be both); name a split folder itself to read another split."""
+    sets = embed_train_test(loaded, train, test, batch_size, workers, allow_remote, "the linear probe")
     probe = linear_probe(sets["train"].features, sets["train"].labels, sets["test"].features,
                          sets["test"].labels, seed=seed)
     return {

@@ -27,6 +27,7 @@ from mmssl.errors import UserError
 BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 
 LOSS_KINDS = ("clip", "siglip", "simclr", "moco")   # simclr / moco: the image tower alone
+IMAGE_ONLY_KINDS = ("simclr", "moco")               # their checkpoints have no trained text tower
 INPAINT_MODES = ("separate", "shared")
 SIMCLR_INPUTS = ("auto", "pooled", "projected")
 OPTIMIZERS = ("adamw", "muon")

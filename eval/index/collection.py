@@ -130,6 +130,8 @@ def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allo
     })
     table = normalise_table(table, data)
     with_caption = [i for i, caption in enumerate(captions) if caption]
+    if getattr(loaded.model, "text_free", None) and not text:
+        with_caption = []   # an image-only model: tune on a sample of the indexed vectors, not captions
     if len(with_caption) > TUNING_QUERIES:
         picked = np.random.default_rng(0).choice(len(with_caption), size=TUNING_QUERIES, replace=False)
         with_caption = [with_caption[i] for i in sorted(picked)]

@@ -119,6 +119,10 @@ class QueryEncoder:
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        from mmssl.models.factory import require_text_tower
+
+        require_text_tower(self.loaded.model, "a text query")
+
         from eval.embed import precision_context
 
         loaded = self.loaded

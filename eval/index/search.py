@@ -116,7 +116,11 @@ def reconstruct(index, ids: list[int]) -> np.ndarray:
 
 def check_dimensions(folder: IndexFolder, encoder) -> None:
     """The model must embed into the index's space: catches a checkpoint swapped after building."""
-    dim = encoder.encode_texts([""]).shape[1]
+    loaded = getattr(encoder, "loaded", None)
+    if loaded is not None and getattr(loaded.model, "text_free", None):
+        dim = loaded.model.visual.output_dim    # an image-only model: no text to embed
+    else:
+        dim = encoder.encode_texts([""]).shape[1]
     if dim != folder.info["dim"]:
         raise UserError(f"{folder.path}: the index holds {folder.info['dim']}-d vectors but its model "
                         f"{folder.model} embeds into {dim} dimensions")

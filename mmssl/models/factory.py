@@ -21,7 +21,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 
-from mmssl.config import BUNDLED_DIR, ModelConfig, from_dict
+from mmssl.config import BUNDLED_DIR, IMAGE_ONLY_KINDS, ModelConfig, from_dict
 from mmssl.errors import UserError
 from mmssl.models.hf_text import hf_text_cfg, quiet_transformers
 from mmssl.models.locking import apply_locking
@@ -89,7 +89,18 @@ def load_checkpoint_model(path: str | Path, **overrides) -> torch.nn.Module:
     model_cfg = _with_overrides(dataclasses.replace(model_cfg, pretrained=None), overrides)
     model = build_model(model_cfg, load_weights=False, siglip="logit_bias" in checkpoint["model"])
     model.load_state_dict(checkpoint["model"])
+    kind = (checkpoint["config"].get("loss") or {}).get("kind")
+    if kind in IMAGE_ONLY_KINDS:
+        model.text_free = f"trained with loss.kind={kind}"   # its text tower is the untrained init
     return model.eval()
+
+
+def require_text_tower(model: torch.nn.Module, what: str) -> None:
+    """UserError when the model's text tower was never trained (an image-only checkpoint)."""
+    why = getattr(model, "text_free", None)
+    if why:
+        raise UserError(f"{what} needs a text tower; this checkpoint has none ({why}, image only): "
+                        f"use mmssl eval linear-probe, eval knn or an image index")
 
 
 def build_model(model_cfg: ModelConfig, load_weights: bool = True, siglip: bool = False) -> torch.nn.Module:
