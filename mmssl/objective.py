@@ -16,7 +16,15 @@ Two rules keep accumulation over micro-batches exact (`mmssl.train.accumulate`):
 * random draws (MLM token masks, inpainting patch masks) are made once per step for the whole batch
   (`draw`) and sliced per micro-batch (`Draws.rows`);
 * every auxiliary term is additive over micro-batches: a micro-batch's value is its rows' share of
-  the whole batch's mean (normalised by the whole batch's count, e.g. `Draws.batch_size`).
+  the whole batch's mean (normalised by the whole batch's count, e.g. `Draws.batch_size`);
+* or it is a batch term (`Term.features`, e.g. SimCLR's NT-Xent): `encode` adds its per-row
+  features, `batch_terms` computes it on the whole batch's features, and accumulation caches
+  them like the contrastive features, so it is exact without being additive.
+
+SimCLR: `loss.simclr_weight` adds NT-Xent on two augmented views of each image (SLIP); the
+loader yields the views (`views`, [2, B, 3, H, W]) only when `needs_views`. `loss.kind=simclr`
+trains the image tower alone (`image_only`): no captions, no contrastive image-text term, the
+text tower and logit_scale frozen at their init, the SimCLR term at weight 1.
 
 Precision: the towers and heads run under the run's autocast; the contrastive loss and the total run
 in fp32 (`mmssl.train.policy`).
@@ -28,6 +36,7 @@ so the inpainting term is absent from those steps.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -38,8 +47,9 @@ from torch import nn
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
 from mmssl.heads.momentum import MomentumTowers
+from mmssl.heads.simclr import SimCLRHead
 from mmssl.heads.vit_tokens import encode_visible
-from mmssl.losses import ClipLoss, SigLipLoss, queue_contrastive_loss
+from mmssl.losses import ClipLoss, SigLipLoss, SimCLRLoss, queue_contrastive_loss
 from mmssl.models.text_trim import encode_text
 from mmssl.train.policy import autocast
 
@@ -77,6 +87,12 @@ class Term:
     build_head: Callable                         # (model, heads config) -> nn.Module
     compute: Callable                            # (objective, images, texts, outputs, draws) -> tensor | None
     draw: Optional[Callable] = None              # (objective, images, texts, step) -> draw | None
+    # A batch term (not additive over micro-batches, like NT-Xent) names the per-row features it adds
+    # to `encode`'s outputs; its `compute` then sees the whole batch's features, and gradient
+    # accumulation caches them like the contrastive features (GradCache), so it stays exact.
+    feature_keys: tuple = ()
+    features: Optional[Callable] = None          # (objective, views) -> {key: [rows, D]}
+    kinds: tuple = ()                            # loss kinds in which this term is the whole loss (weight 1)
 
 
 def _draw_mlm(objective, images, texts, step):
@@ -103,15 +119,32 @@ def _inpaint(objective, images, texts, outputs, draws):
     return head(objective.model, images, mask)
 
 
+def _simclr_projections(objective, views):
+    head = objective.heads["simclr"]
+    return {"simclr_z1": head(objective.model, views[0]), "simclr_z2": head(objective.model, views[1])}
+
+
+def _simclr(objective, images, texts, outputs, draws):
+    loss = SimCLRLoss(objective.simclr_temperature, objective.rank, objective.world_size)
+    return loss(outputs["simclr_z1"].float(), outputs["simclr_z2"].float())
+
+
 TERMS = (
     Term("mlm_loss", "mlm_weight", "mlm", lambda model, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
     Term("inpaint_loss", "inpaint_weight", "inpaint", lambda model, heads: InpaintHead(model, heads.inpaint),
          _inpaint, _draw_patches),
+    Term("simclr_loss", "simclr_weight", "simclr", lambda model, heads: SimCLRHead(model, heads.simclr), _simclr,
+         feature_keys=("simclr_z1", "simclr_z2"), features=_simclr_projections, kinds=("simclr",)),
 )
 
 
+def term_weight(loss_cfg, term: Term) -> float:
+    """The term's weight: 1 where it is the whole loss (`loss.kind`), else `loss.<term>_weight`."""
+    return 1.0 if loss_cfg.kind in term.kinds else float(getattr(loss_cfg, term.weight))
+
+
 # round-2 objectives that are implemented (the rest are refused, not ignored)
-BUILT: tuple = ("loss.queue_size", "loss.distill_alpha")
+BUILT: tuple = ("loss.queue_size", "loss.distill_alpha", "loss.simclr_weight", "loss.kind=simclr")
 
 
 def build_contrastive_loss(loss_cfg, rank: int = 0, world_size: int = 1) -> nn.Module:
@@ -123,7 +156,7 @@ def build_contrastive_loss(loss_cfg, rank: int = 0, world_size: int = 1) -> nn.M
 
 
 class Objective(nn.Module):
-    """Dual encoder + heads + contrastive loss; `forward(images, texts, step)` -> dict of terms.
+    """Dual encoder + heads + contrastive loss; `forward(images, texts, step, views)` -> dict of terms.
 
     `cfg` is the experiment config: its `loss` and `heads` sections and `train.steps` (for FLIP's
     unmasked tuning). `precision` is a resolved name from `mmssl.train.policy` (fp32 | bf16 | fp16).
@@ -141,9 +174,18 @@ class Objective(nn.Module):
             raise UserError(f"{unbuilt[0]} is not available yet (issue 12 is in progress)")
         self.model = model
         self.precision = precision
-        self.terms = [term for term in TERMS if getattr(cfg.loss, term.weight) > 0]
-        self.weights = {term.name: float(getattr(cfg.loss, term.weight)) for term in self.terms}
-        self.heads = nn.ModuleDict({term.head: term.build_head(model, cfg.heads) for term in self.terms})
+        self.image_only = cfg.loss.kind == "simclr"   # the image tower alone: no captions, no text tower
+        if self.image_only:
+            _check_image_only(cfg)
+            for name, param in model.named_parameters():
+                if not name.startswith("visual."):
+                    param.requires_grad_(False)   # text tower and logit_scale stay at their init, untrained
+        self.terms = [term for term in TERMS if term_weight(cfg.loss, term) > 0]
+        self.weights = {term.name: term_weight(cfg.loss, term) for term in self.terms}
+        self.needs_views = any(term.features is not None for term in self.terms)
+        self.simclr_temperature = cfg.loss.simclr_temperature
+        heads = _resolve_heads(cfg)
+        self.heads = nn.ModuleDict({term.head: term.build_head(model, heads) for term in self.terms})
         self.contrastive = build_contrastive_loss(cfg.loss, rank, world_size)
         self.siglip = cfg.loss.kind == "siglip"
         if self.siglip and getattr(model, "logit_bias", None) is None:
@@ -198,11 +240,20 @@ class Objective(nn.Module):
         if draws.keys is not None:
             self.momentum.enqueue(draws.keys.images, draws.keys.texts)
 
-    def encode(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws) -> dict:
-        """open_clip's output dict for the contrastive loss; in shared mode also the visible patches.
+    def encode(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws, views=None) -> dict:
+        """open_clip's output dict for the contrastive loss; in shared mode also the visible patches;
+        the batch terms' per-row features of the two `views` ([2, B, 3, H, W]) when they are on.
 
         Captions are encoded without their padding where that is exact (`mmssl.models.text_trim`).
         """
+        outputs = {} if self.image_only else self._encode_pairs(images, texts, draws)
+        with autocast(self.precision, images.device):
+            for term in self.terms:
+                if term.features is not None:
+                    outputs.update(term.features(self, views))
+        return outputs
+
+    def _encode_pairs(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws) -> dict:
         mask = draws.masks.get("inpaint_loss") if self.shared_masking else None
         with autocast(self.precision, images.device):
             outputs = {"text_features": encode_text(self.model, texts, normalize=True),
@@ -227,11 +278,28 @@ class Objective(nn.Module):
         keys = ("image_features", "text_features", "logit_scale") + (("logit_bias",) if self.siglip else ())
         return self.contrastive(*(outputs[key].float() for key in keys))
 
+    @property
+    def batch_feature_keys(self) -> tuple:
+        """Per-row outputs that whole-batch terms read (what gradient accumulation caches)."""
+        keys = () if self.image_only else ("image_features", "text_features")
+        return keys + tuple(key for term in self.terms for key in term.feature_keys)
+
+    def batch_terms(self, outputs: dict, draws: Optional[Draws] = None) -> dict:
+        """Unweighted whole-batch terms (fp32): the contrastive term (not for image-only kinds) and
+        the batch terms of the enabled heads (e.g. "simclr_loss")."""
+        values = {} if self.image_only else {"contrastive_loss": self.contrastive_loss(outputs, draws)}
+        for term in self.terms:
+            if term.features is not None:
+                values[term.name] = term.compute(self, None, None, outputs, draws).float()
+        return values
+
     def aux_terms(self, images: torch.Tensor, texts: torch.Tensor, outputs: dict, draws: Draws) -> dict:
         """Unweighted auxiliary terms of the enabled heads (fp32), e.g. {"mlm_loss": ..., "inpaint_loss": ...}."""
         values = {}
         with autocast(self.precision, images.device):
             for term in self.terms:
+                if term.features is not None:
+                    continue  # a batch term: `batch_terms`
                 value = term.compute(self, images, texts, outputs, draws)
                 if value is not None:
                     values[term.name] = value.float()
@@ -247,11 +315,10 @@ class Objective(nn.Module):
         return sum(parts[1:], parts[0]) if parts else torch.zeros(())
 
     # ---- one step on a whole batch --------------------------------------------------------
-    def forward(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None) -> dict:
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None, views=None) -> dict:
         draws = self.draw(images, texts, step)
-        outputs = self.encode(images, texts, draws)
-        terms = {"contrastive_loss": self.contrastive_loss(outputs, draws),
-                 **self.aux_terms(images, texts, outputs, draws)}
+        outputs = self.encode(images, texts, draws, views)
+        terms = {**self.batch_terms(outputs, draws), **self.aux_terms(images, texts, outputs, draws)}
         terms["loss"] = self.total(terms)
         self.end_step(draws)
         return terms
@@ -275,3 +342,22 @@ def _gather_constants(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def _resolve_heads(cfg):
+    """The heads config with `heads.simclr.input=auto` made concrete: the tower's projected
+    embedding for image-only training, SLIP's pooled output beside an image-text loss."""
+    simclr = cfg.heads.simclr
+    if simclr.input != "auto":
+        return cfg.heads
+    chosen = "projected" if cfg.loss.kind == "simclr" else "pooled"
+    return dataclasses.replace(cfg.heads, simclr=dataclasses.replace(simclr, input=chosen))
+
+
+def _check_image_only(cfg) -> None:
+    """loss.kind=simclr trains the image tower alone: refuse the settings that need captions."""
+    if cfg.loss.simclr_weight > 0:
+        raise UserError("loss.simclr_weight adds SimCLR to an image-text loss; with loss.kind=simclr SimCLR "
+                        "is the whole loss: leave loss.simclr_weight at 0")
+    if cfg.loss.mlm_weight > 0:
+        raise UserError("loss.mlm_weight needs captions; loss.kind=simclr trains the image tower alone")

@@ -18,38 +18,42 @@ from torch import nn
 
 
 def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torch.Tensor, micro_batches: int,
-                         step: int | None = None) -> dict:
+                         step: int | None = None, views: torch.Tensor | None = None) -> dict:
     """Back-propagate the whole batch's total loss in `micro_batches` pieces; the caller zeroes
-    gradients before and steps the optimizer after.
+    gradients before and steps the optimizer after. `views` ([2, B, 3, H, W]) when the objective
+    contrasts two views; `texts` may be None for image-only objectives.
 
-    Returns detached terms: "contrastive_loss", each auxiliary term (its whole-batch value) and "loss".
+    Returns detached terms: every whole-batch term ("contrastive_loss", batch terms such as
+    "simclr_loss"), each auxiliary term (its whole-batch value) and "loss".
     """
     draws = objective.draw(images, texts, step)
     bounds = _bounds(images.shape[0], micro_batches)
+    keys = objective.batch_feature_keys
     rng_states, cached = [], []
     with torch.no_grad():
         for start, stop in bounds:
             rng_states.append(_rng_state(images.device))
-            cached.append(objective.encode(images[start:stop], texts[start:stop], draws.rows(start, stop)))
+            cached.append(objective.encode(images[start:stop], _rows(texts, start, stop), draws.rows(start, stop),
+                                           _rows(views, start, stop, dim=1)))
 
-    leaves = _feature_leaves(cached)
-    contrastive = objective.contrastive_loss(_whole_batch(leaves), draws)
-    contrastive.backward()
+    leaves = _feature_leaves(cached, keys)
+    whole = objective.batch_terms(_whole_batch(leaves, keys), draws)
+    objective.total(whole).backward()
 
     aux_totals: dict = {}
     for index, (start, stop) in enumerate(bounds):
         _set_rng_state(rng_states[index], images.device)
-        image_rows, text_rows, rows = images[start:stop], texts[start:stop], draws.rows(start, stop)
-        outputs = objective.encode(image_rows, text_rows, rows)
+        image_rows, text_rows, rows = images[start:stop], _rows(texts, start, stop), draws.rows(start, stop)
+        outputs = objective.encode(image_rows, text_rows, rows, _rows(views, start, stop, dim=1))
         aux = objective.aux_terms(image_rows, text_rows, outputs, rows)
-        surrogate = _surrogate(outputs, leaves, index, include_scalars=index == 0)
+        surrogate = _surrogate(outputs, leaves, keys, index, include_scalars=index == 0)
         if aux:
             surrogate = surrogate + objective.total(aux)
         surrogate.backward()
         for name, value in aux.items():
             aux_totals[name] = aux_totals.get(name, 0.0) + value.detach()
 
-    terms = {"contrastive_loss": contrastive.detach(), **aux_totals}
+    terms = {**{name: value.detach() for name, value in whole.items()}, **aux_totals}
     terms["loss"] = objective.total(terms)
     objective.end_step(draws)
     return terms
@@ -66,28 +70,30 @@ def _bounds(rows: int, pieces: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _feature_leaves(cached: list[dict]) -> dict:
-    """Per-micro-batch features (fp32) and the shared scalars as graph leaves whose .grad the loss fills."""
+def _rows(tensor, start: int, stop: int, dim: int = 0):
+    """Rows start:stop along `dim` (None stays None: no captions, or no views)."""
+    return None if tensor is None else tensor.narrow(dim, start, stop - start)
+
+
+def _feature_leaves(cached: list[dict], keys: tuple) -> dict:
+    """Per-micro-batch features `keys` (fp32) and the shared scalars as graph leaves whose .grad the loss fills."""
     def leaf(tensor):  # detach: open_clip returns the logit_bias Parameter itself, not a copy
         return tensor.detach().float().requires_grad_(True)
 
-    leaves = {
-        "image_features": [leaf(out["image_features"]) for out in cached],
-        "text_features": [leaf(out["text_features"]) for out in cached],
-        "logit_scale": leaf(cached[0]["logit_scale"]),
-    }
-    if cached[0].get("logit_bias") is not None:
-        leaves["logit_bias"] = leaf(cached[0]["logit_bias"])
+    leaves = {key: [leaf(out[key]) for out in cached] for key in keys}
+    for key in ("logit_scale", "logit_bias"):
+        if cached[0].get(key) is not None:
+            leaves[key] = leaf(cached[0][key])
     return leaves
 
 
-def _whole_batch(leaves: dict) -> dict:
+def _whole_batch(leaves: dict, keys: tuple) -> dict:
     outputs = {key: value for key, value in leaves.items() if not isinstance(value, list)}
-    outputs.update(image_features=torch.cat(leaves["image_features"]), text_features=torch.cat(leaves["text_features"]))
+    outputs.update({key: torch.cat(leaves[key]) for key in keys})
     return outputs
 
 
-def _surrogate(outputs: dict, leaves: dict, index: int, include_scalars: bool) -> torch.Tensor:
+def _surrogate(outputs: dict, leaves: dict, keys: tuple, index: int, include_scalars: bool) -> torch.Tensor:
     """A scalar whose gradient w.r.t. the parameters is the loss gradient through this micro-batch.
 
     sum(features * dL/dfeatures) back-propagates dL/dfeatures; logit_scale (and logit_bias) are
@@ -95,7 +101,7 @@ def _surrogate(outputs: dict, leaves: dict, index: int, include_scalars: bool) -
     """
     total = sum(
         (outputs[key] * leaves[key][index].grad.to(outputs[key].dtype)).sum()
-        for key in ("image_features", "text_features")
+        for key in keys if leaves[key][index].grad is not None
     )
     if include_scalars:
         for key in ("logit_scale", "logit_bias"):

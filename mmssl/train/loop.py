@@ -4,12 +4,12 @@
 from the config (`build_trainer`) and runs `Trainer.fit`. The `Trainer` itself sees its `train`
 config section and interfaces, so tests and other callers can hand it their own objective or loader:
 
-* objective: an `nn.Module` with `.model` (the dual encoder), `forward(images, texts, step)`
+* objective: an `nn.Module` with `.model` (the dual encoder), `forward(images, texts, step[, views])`
   returning named loss terms with their weighted total under "loss", the pieces exact-batch
-  accumulation calls (`draw`, `encode`, `contrastive_loss`, `aux_terms`, `total`; see
+  accumulation calls (`draw`, `encode`, `batch_feature_keys`, `batch_terms`, `aux_terms`, `total`; see
   `mmssl.objective` and `mmssl.train.accumulate`), and `heads_state_dict` /
   `load_heads_state_dict` for checkpoints;
-* loader: an endless iterable of batches with `.images` / `.texts`, plus `state_dict`,
+* loader: an endless iterable of batches with `.images` / `.texts` (and `.views` when asked), plus `state_dict`,
   `load_state_dict` and `corrupt_count` (see `mmssl.data.train_loader.TrainLoader`).
 
 Semantics worth knowing: `train.batch_size` is the contrastive batch of one rank per optimizer
@@ -84,6 +84,7 @@ def seed_everything(seed: int) -> None:
 def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     """Model, objective, loader, optimizer and schedule from the config, on this rank's device."""
     from mmssl.data.train_loader import build_train_loader
+    from mmssl.data.views import model_augmentation
     from mmssl.models import create_model, image_transform
     from mmssl.objective import Objective
 
@@ -99,12 +100,14 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     loader = build_train_loader(
         cfg.data,
         transform=image_transform(model, train=cfg.data.augment),
-        tokenizer=model.tokenizer,
+        tokenizer=None if objective.image_only else model.tokenizer,
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
-        decode_size=None if cfg.data.augment else max(_pair(image_size)),
+        decode_size=None if cfg.data.augment or objective.needs_views else max(_pair(image_size)),
         rank=env.rank,
         world_size=env.world_size,
+        captions=not objective.image_only,
+        views=model_augmentation(model) if objective.needs_views else None,
     )
     validate = None
     if cfg.train.val_every:
@@ -146,12 +149,12 @@ class Trainer:
             _compile_towers(objective.model)
 
     # ---- one optimizer step -------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+    def train_step(self, images: torch.Tensor, texts: Optional[torch.Tensor], views=None) -> dict:
         """Forward, backward, gradient all-reduce, clip, optimizer step; returns the terms as floats."""
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.attention():
-            terms = self._forward_backward(images, texts)
+            terms = self._forward_backward(images, texts, views)
         values = self._mean_over_ranks(terms)
         if not math.isfinite(values["loss"]):
             self._diverged(self.step + 1, f"loss is {values['loss']} ({_format_terms(values)})")
@@ -167,10 +170,12 @@ class Trainer:
         self.step += 1
         return values
 
-    def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+    def _forward_backward(self, images: torch.Tensor, texts: Optional[torch.Tensor], views=None) -> dict:
+        # `views` only when the objective contrasts two views (so objectives without them keep their signature)
+        extra = {} if views is None else {"views": views}
         if self.cfg.accum_steps > 1:
-            return accumulated_backward(self.objective, images, texts, self.cfg.accum_steps, step=self.step)
-        terms = self.objective(images, texts, step=self.step)
+            return accumulated_backward(self.objective, images, texts, self.cfg.accum_steps, step=self.step, **extra)
+        terms = self.objective(images, texts, step=self.step, **extra)
         self.scaler.scale(terms["loss"]).backward()
         return terms
 
@@ -206,9 +211,11 @@ class Trainer:
                 started = time.perf_counter()
                 batch = next(batches)
                 images = batch.images.to(self.device, non_blocking=True)
-                texts = batch.texts.to(self.device, non_blocking=True)
+                texts = None if batch.texts is None else batch.texts.to(self.device, non_blocking=True)
+                views = getattr(batch, "views", None)   # [2, B, 3, H, W], only when the objective asked
+                views = None if views is None else views.to(self.device, non_blocking=True)
                 timer.waited(time.perf_counter() - started)
-                values = self.train_step(images, texts)
+                values = self.train_step(images, texts, views)
                 timer.step_done()
                 window.append(values)
                 result.losses.append(values["loss"])
