@@ -247,6 +247,9 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.train.val_every and not self.data.val:
             raise UserError("train.val_every needs data.val (labelled shards for zero-shot validation)")
+        if self.train.val_every and self.loss.kind in IMAGE_ONLY_KINDS:
+            raise UserError(f"train.val_every runs zero-shot validation, which needs a text tower; "
+                            f"loss.kind={self.loss.kind} trains the image tower alone: set train.val_every=0")
         tune = self.heads.inpaint.unmasked_tune_steps
         if self.loss.inpaint_weight > 0 and self.heads.inpaint.mode == "shared" and tune > self.train.steps:
             raise UserError(f"bad value for heads.inpaint.unmasked_tune_steps: {tune} (must be at most train.steps)")

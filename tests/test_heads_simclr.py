@@ -122,3 +122,8 @@ def test_image_only_trains_the_image_tower_and_head_alone(micro_json):
 def test_image_only_refuses_what_needs_captions(micro_json, overrides, message):
     with pytest.raises(UserError, match=message):
         build(micro_json, *overrides)
+
+
+def test_image_only_refuses_zero_shot_validation(micro_json):
+    with pytest.raises(UserError, match="needs a text tower; loss.kind=simclr trains the image tower alone"):
+        load_config(None, ["loss.kind=simclr", "train.val_every=10", "data.val=somewhere"])
