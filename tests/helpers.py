@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -173,6 +174,13 @@ def http_server(handler=QuietFolderHandler, directory=None):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a gloo process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the command line

@@ -11,7 +11,6 @@ What equality holds (global batch N = 2 x 4, rank r owns rows 4r..4r+3, L = full
 - SigLIP (texts gathered with gradient): rank losses average to L; the same world_size factor.
 """
 import importlib.util
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from mmssl.losses import ClipLoss, SigLipLoss
 
 WORLD, PER_RANK, DIM = 2, 4, 16
@@ -68,16 +68,10 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

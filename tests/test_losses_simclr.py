@@ -1,13 +1,13 @@
 """SimCLRLoss (NT-Xent) against a hand-written float64 reference: values, gradients, and two gloo
 processes equal to one process on the full batch."""
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from mmssl.losses import SimCLRLoss
 
 WORLD, PER_RANK, DIM, TAU = 2, 3, 8, 0.1
@@ -73,17 +73,11 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_simclr_loss_across_two_gloo_processes_equals_full_batch(tmp_path):
     """Rank r scores its own 2n anchors against all 2N views: rank losses average to the full-batch
     loss L, and each rank's gradient is world_size x dL/d(its rows), which the trainer's gradient
     averaging over ranks turns into the full-batch gradient (as for ClipLoss with gather_with_grad)."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     z1, z2 = _batch(WORLD * PER_RANK, seed=7)
     full, full_z1, full_z2 = _value_and_grads(SimCLRLoss(TAU), z1, z2)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
