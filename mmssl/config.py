@@ -105,7 +105,8 @@ class LossConfig:
     simclr_weight: float = 0.0    # SLIP: SimCLR on two views of each image beside the image-text loss
     simclr_temperature: float = 0.1
     queue_size: int = 0           # momentum queue of keys used as extra negatives; 0 = off (moco: 65536)
-    momentum: float = 0.995       # EMA of the momentum towers (ALBEF 0.995, MoCo 0.999)
+    momentum: float = 0.0         # EMA of the momentum towers; 0 = the kind's default (clip: ALBEF's
+                                  # 0.995, moco: MoCo's 0.999)
     distill_alpha: float = 0.0    # ALBEF momentum distillation: weight of the momentum model's soft targets
     moco_temperature: float = 0.2
 

@@ -215,3 +215,18 @@ def queue_contrastive_loss(image_features: torch.Tensor, text_features: torch.Te
     loss_i2t = -(F.log_softmax(per_image, dim=1) * targets_i2t).sum(dim=1).mean()
     loss_t2i = -(F.log_softmax(per_text, dim=1) * targets_t2i).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def moco_loss(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """MoCo's InfoNCE (He et al. 2020, eq. 1): each query's positive is its own key (the other view
+    of the same image through the momentum encoder), its negatives the queue's keys.
+
+    loss = mean_i -log( exp(q_i.k_i / t) / (exp(q_i.k_i / t) + sum_j exp(q_i.queue_j / t)) ), on
+    L2-normalised queries, keys and queue rows; keys and queue are constants (no gradient).
+    """
+    queries = F.normalize(queries, dim=-1)
+    keys = F.normalize(keys, dim=-1).detach()
+    positive = (queries * keys).sum(dim=1, keepdim=True)
+    negative = queries @ F.normalize(queue, dim=-1).detach().T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device))

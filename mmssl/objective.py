@@ -46,10 +46,11 @@ from torch import nn
 
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
-from mmssl.heads.momentum import MomentumTowers
+from mmssl.heads.moco import MoCoHead
+from mmssl.heads.momentum import MomentumTowers, momentum_of
 from mmssl.heads.simclr import SimCLRHead
 from mmssl.heads.vit_tokens import encode_visible
-from mmssl.losses import ClipLoss, SigLipLoss, SimCLRLoss, queue_contrastive_loss
+from mmssl.losses import ClipLoss, SigLipLoss, SimCLRLoss, queue_contrastive_loss, moco_loss
 from mmssl.models.text_trim import encode_text
 from mmssl.train.policy import autocast
 
@@ -62,10 +63,11 @@ class Draws:
     batch_size: int                              # rows in the step's batch: normaliser of per-row means
     masks: dict = field(default_factory=dict)    # term name -> draw with .rows(start, stop)
     keys: Optional["MomentumKeys"] = None
+    enqueue: dict = field(default_factory=dict)  # head name -> global keys for its queue after the step
 
     def rows(self, start: int, stop: int) -> "Draws":
         return Draws(self.batch_size, {name: mask.rows(start, stop) for name, mask in self.masks.items()},
-                     self.keys)
+                     self.keys, self.enqueue)
 
 
 @dataclass
@@ -82,9 +84,10 @@ class Term:
     """One auxiliary loss term: name logged, weight field, head, random draw, computation."""
 
     name: str                                    # logged key, e.g. "mlm_loss"
-    weight: str                                  # LossConfig field; 0 = term and head never built
+    weight: Optional[str]                        # LossConfig field; 0 = term and head never built (None: only
+                                                 # as the whole loss of its `kinds`)
     head: str                                    # key in Objective.heads and the checkpoint's `heads`
-    build_head: Callable                         # (model, heads config) -> nn.Module
+    build_head: Callable                         # (model, experiment config, heads resolved) -> nn.Module
     compute: Callable                            # (objective, images, texts, outputs, draws) -> tensor | None
     draw: Optional[Callable] = None              # (objective, images, texts, step) -> draw | None
     # A batch term (not additive over micro-batches, like NT-Xent) names the per-row features it adds
@@ -129,22 +132,47 @@ def _simclr(objective, images, texts, outputs, draws):
     return loss(outputs["simclr_z1"].float(), outputs["simclr_z2"].float())
 
 
+def _draw_moco(objective, images, texts, step):
+    objective.heads["moco"].momentum_update(objective.model)   # once per step, before any key
+    return None
+
+
+def _moco_features(objective, views):
+    return objective.heads["moco"].queries_and_keys(objective.model, views)
+
+
+def _moco(objective, images, texts, outputs, draws):
+    head = objective.heads["moco"]
+    keys = outputs["moco_k"].detach()
+    if objective.world_size > 1:
+        keys = _gather_constants(keys, objective.world_size)
+    draws.enqueue["moco"] = keys            # joins the queue after the step (`end_step`)
+    own = keys[objective.rank * outputs["moco_q"].shape[0]:][:outputs["moco_q"].shape[0]]
+    return moco_loss(outputs["moco_q"].float(), own, head.momentum.negatives()[0], head.temperature)
+
+
 TERMS = (
-    Term("mlm_loss", "mlm_weight", "mlm", lambda model, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
-    Term("inpaint_loss", "inpaint_weight", "inpaint", lambda model, heads: InpaintHead(model, heads.inpaint),
-         _inpaint, _draw_patches),
-    Term("simclr_loss", "simclr_weight", "simclr", lambda model, heads: SimCLRHead(model, heads.simclr), _simclr,
-         feature_keys=("simclr_z1", "simclr_z2"), features=_simclr_projections, kinds=("simclr",)),
+    Term("mlm_loss", "mlm_weight", "mlm", lambda model, cfg, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
+    Term("inpaint_loss", "inpaint_weight", "inpaint",
+         lambda model, cfg, heads: InpaintHead(model, heads.inpaint), _inpaint, _draw_patches),
+    Term("simclr_loss", "simclr_weight", "simclr", lambda model, cfg, heads: SimCLRHead(model, heads.simclr),
+         _simclr, feature_keys=("simclr_z1", "simclr_z2"), features=_simclr_projections, kinds=("simclr",)),
+    Term("moco_loss", None, "moco", lambda model, cfg, heads: MoCoHead(model, heads.simclr, cfg.loss), _moco,
+         _draw_moco, feature_keys=("moco_q", "moco_k"), features=_moco_features, kinds=("moco",)),
 )
 
 
 def term_weight(loss_cfg, term: Term) -> float:
     """The term's weight: 1 where it is the whole loss (`loss.kind`), else `loss.<term>_weight`."""
-    return 1.0 if loss_cfg.kind in term.kinds else float(getattr(loss_cfg, term.weight))
+    if loss_cfg.kind in term.kinds:
+        return 1.0
+    return float(getattr(loss_cfg, term.weight)) if term.weight else 0.0
 
+
+IMAGE_ONLY_KINDS = ("simclr", "moco")
 
 # round-2 objectives that are implemented (the rest are refused, not ignored)
-BUILT: tuple = ("loss.queue_size", "loss.distill_alpha", "loss.simclr_weight", "loss.kind=simclr")
+BUILT: tuple = ("loss.queue_size", "loss.distill_alpha", "loss.simclr_weight", "loss.kind=simclr", "loss.kind=moco")
 
 
 def build_contrastive_loss(loss_cfg, rank: int = 0, world_size: int = 1) -> nn.Module:
@@ -174,7 +202,7 @@ class Objective(nn.Module):
             raise UserError(f"{unbuilt[0]} is not available yet (issue 12 is in progress)")
         self.model = model
         self.precision = precision
-        self.image_only = cfg.loss.kind == "simclr"   # the image tower alone: no captions, no text tower
+        self.image_only = cfg.loss.kind in IMAGE_ONLY_KINDS   # the image tower alone: no captions, no text tower
         if self.image_only:
             _check_image_only(cfg)
             for name, param in model.named_parameters():
@@ -185,7 +213,7 @@ class Objective(nn.Module):
         self.needs_views = any(term.features is not None for term in self.terms)
         self.simclr_temperature = cfg.loss.simclr_temperature
         heads = _resolve_heads(cfg)
-        self.heads = nn.ModuleDict({term.head: term.build_head(model, heads) for term in self.terms})
+        self.heads = nn.ModuleDict({term.head: term.build_head(model, cfg, heads) for term in self.terms})
         self.contrastive = build_contrastive_loss(cfg.loss, rank, world_size)
         self.siglip = cfg.loss.kind == "siglip"
         if self.siglip and getattr(model, "logit_bias", None) is None:
@@ -199,13 +227,14 @@ class Objective(nn.Module):
         self.distill_alpha = cfg.loss.distill_alpha
         if cfg.loss.distill_alpha > 0 and cfg.loss.queue_size == 0:
             raise UserError("loss.distill_alpha needs the momentum model: set loss.queue_size > 0")
-        if cfg.loss.queue_size > 0:
+        if cfg.loss.queue_size > 0 and cfg.loss.kind != "moco":     # moco's queue lives in its head
             if cfg.loss.kind != "clip":
-                raise UserError(f"loss.queue_size works with loss.kind=clip (ALBEF's queue), not {cfg.loss.kind}")
+                raise UserError(f"loss.queue_size works with loss.kind=clip (ALBEF's queue) or moco, "
+                                f"not {cfg.loss.kind}")
             if self.shared_masking:
                 raise UserError("loss.queue_size with heads.inpaint.mode=shared is not supported: the keys would "
                                 "see full images while the queries see visible patches; use mode=separate")
-            self.heads["momentum"] = MomentumTowers(model, cfg.loss.queue_size, cfg.loss.momentum,
+            self.heads["momentum"] = MomentumTowers(model, cfg.loss.queue_size, momentum_of(cfg.loss),
                                                     model.visual.output_dim)
 
     @property
@@ -239,6 +268,8 @@ class Objective(nn.Module):
         """After the step's loss: its keys join the queues (every rank enqueues the same global keys)."""
         if draws.keys is not None:
             self.momentum.enqueue(draws.keys.images, draws.keys.texts)
+        for head, keys in draws.enqueue.items():
+            self.heads[head].momentum.enqueue(keys)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws, views=None) -> dict:
         """open_clip's output dict for the contrastive loss; in shared mode also the visible patches;
@@ -350,14 +381,18 @@ def _resolve_heads(cfg):
     simclr = cfg.heads.simclr
     if simclr.input != "auto":
         return cfg.heads
-    chosen = "projected" if cfg.loss.kind == "simclr" else "pooled"
+    chosen = "projected" if cfg.loss.kind in IMAGE_ONLY_KINDS else "pooled"
     return dataclasses.replace(cfg.heads, simclr=dataclasses.replace(simclr, input=chosen))
 
 
 def _check_image_only(cfg) -> None:
-    """loss.kind=simclr trains the image tower alone: refuse the settings that need captions."""
+    """loss.kind=simclr|moco trains the image tower alone: refuse the settings that need captions."""
+    kind = cfg.loss.kind
     if cfg.loss.simclr_weight > 0:
-        raise UserError("loss.simclr_weight adds SimCLR to an image-text loss; with loss.kind=simclr SimCLR "
-                        "is the whole loss: leave loss.simclr_weight at 0")
+        raise UserError(f"loss.simclr_weight adds SimCLR to an image-text loss; with loss.kind={kind} "
+                        f"{'SimCLR is the whole loss' if kind == 'simclr' else 'MoCo is the loss'}: leave "
+                        "loss.simclr_weight at 0")
     if cfg.loss.mlm_weight > 0:
-        raise UserError("loss.mlm_weight needs captions; loss.kind=simclr trains the image tower alone")
+        raise UserError(f"loss.mlm_weight needs captions; loss.kind={kind} trains the image tower alone")
+    if cfg.loss.distill_alpha > 0 and kind == "moco":
+        raise UserError("loss.distill_alpha is ALBEF's image-text distillation; it has no meaning for loss.kind=moco")

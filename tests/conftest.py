@@ -81,3 +81,22 @@ def client(server):
 
     with httpx.Client(base_url=server, timeout=30) as http:
         yield http
+
+
+# ---------------------------------------------------------------- caption-free images
+
+@pytest.fixture(scope="module")
+def plain_images(tmp_path_factory):
+    """48 caption-free images sharded by `mmssl prep folder` (images layout), for image-only training."""
+    import numpy as np
+    from PIL import Image
+
+    from mmssl.cli import main
+
+    root = tmp_path_factory.mktemp("plain")
+    for i in range(48):
+        pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i:03d}.png")
+    assert main(["prep", "folder", "--input", str(root), "--out", str(root / "shards"), "--image-size", "32",
+                 "--quiet"]) == 0
+    return root / "shards"

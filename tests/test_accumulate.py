@@ -119,7 +119,7 @@ class LossWithDummy(LossConfig):
     dummy_weight: float = 0.0
 
 
-def _dummy_head(model, heads_cfg):
+def _dummy_head(model, cfg, heads):
     return nn.Linear(32, 1)
 
 

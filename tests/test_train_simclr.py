@@ -3,26 +3,12 @@ folder`, exact resume with the two views; SLIP (`loss.simclr_weight`) logs its t
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers import CPU, config, logged_losses
-from mmssl.cli import main
 from mmssl.train.loop import build_trainer, train
 from mmssl.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def plain_images(tmp_path_factory):
-    """48 caption-free images sharded by `mmssl prep folder` (images layout)."""
-    root = tmp_path_factory.mktemp("plain")
-    for i in range(48):
-        pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"img{i:03d}.png")
-    assert main(["prep", "folder", "--input", str(root), "--out", str(root / "shards"), "--image-size", "32",
-                 "--quiet"]) == 0
-    return root / "shards"
 
 
 def simclr_config(world, plain_images, output, *extra):

@@ -23,8 +23,20 @@ from torch import nn
 from mmssl.models.text_trim import encode_text
 
 
+DEFAULT_MOMENTUM = {"clip": 0.995, "moco": 0.999}     # ALBEF's and MoCo's
+MOCO_QUEUE_SIZE = 65536                               # MoCo's
+
+
+def momentum_of(loss_cfg) -> float:
+    """`loss.momentum`, or the kind's default when it is 0."""
+    return loss_cfg.momentum or DEFAULT_MOMENTUM.get(loss_cfg.kind, DEFAULT_MOMENTUM["clip"])
+
+
 class MomentumTowers(nn.Module):
-    def __init__(self, model: nn.Module, queue_size: int, momentum: float, embed_dim: int):
+    """`model` (the dual encoder, or any module whose parameters the keys come from) copied and
+    followed by EMA, with an image-key queue and (`text=True`) a text-key queue."""
+
+    def __init__(self, model: nn.Module, queue_size: int, momentum: float, embed_dim: int, text: bool = True):
         super().__init__()
         if queue_size < 1 or not 0.0 <= momentum < 1.0:
             raise ValueError("queue_size must be >= 1 and momentum in [0, 1)")
@@ -33,7 +45,7 @@ class MomentumTowers(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.register_buffer("image_queue", torch.zeros(queue_size, embed_dim))
-        self.register_buffer("text_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("text_queue", torch.zeros(queue_size if text else 0, embed_dim))
         self.register_buffer("position", torch.zeros((), dtype=torch.long))   # next row to write
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))     # rows holding keys
 
@@ -57,20 +69,22 @@ class MomentumTowers(nn.Module):
         return self.model.encode_image(images, normalize=True), encode_text(self.model, texts, normalize=True)
 
     def negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled rows of (image queue, text queue)."""
+        """The filled rows of (image queue, text queue); the text queue is empty when text=False."""
         filled = int(self.filled)
         return self.image_queue[:filled], self.text_queue[:filled]
 
     @torch.no_grad()
-    def enqueue(self, image_keys: torch.Tensor, text_keys: torch.Tensor) -> None:
+    def enqueue(self, image_keys: torch.Tensor, text_keys: torch.Tensor | None = None) -> None:
         """Write a (global) batch of keys at the write position, wrapping around."""
         size, rows = self.queue_size, image_keys.shape[0]
         start = int(self.position)
         if rows > size:                       # only the newest `size` keys can stay
             start = (start + rows - size) % size
-            image_keys, text_keys, rows = image_keys[-size:], text_keys[-size:], size
+            image_keys, rows = image_keys[-size:], size
+            text_keys = None if text_keys is None else text_keys[-size:]
         slots = (start + torch.arange(rows, device=self.image_queue.device)) % size
         self.image_queue[slots] = image_keys.to(self.image_queue.dtype)
-        self.text_queue[slots] = text_keys.to(self.text_queue.dtype)
+        if self.text_queue.shape[0]:
+            self.text_queue[slots] = text_keys.to(self.text_queue.dtype)
         self.position.fill_((start + rows) % size)
         self.filled.fill_(min(size, int(self.filled) + rows))
