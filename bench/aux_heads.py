@@ -120,7 +120,7 @@ def calibrate(overrides: list[str], timed_steps: int) -> float:
         if step == 2:
             start = time.perf_counter()
         batch = next(batches)
-        trainer.train_step(batch.images, batch.texts)
+        trainer.train_step(batch.images, batch.texts, batch.views)   # views: None unless the objective asks
     return (time.perf_counter() - start) / timed_steps
 
 
