@@ -192,6 +192,9 @@ def test_resume_with_the_queue_is_bitwise(world, tmp_path):
     assert int(momentum["filled"]) == 100 and "image_queue" in momentum and "model.logit_scale" in momentum
     assert all(torch.equal(momentum[k], c["heads"]["momentum"][k]) for k in momentum)
     assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    loaded = mmssl.create_model(str(tmp_path / "a/checkpoints/latest.pt")).state_dict()   # eval/export: online towers
+    assert loaded.keys() == a["model"].keys() and all(torch.equal(loaded[k], a["model"][k]) for k in loaded)
+    assert not torch.equal(momentum["model.visual.conv1.weight"], a["model"]["visual.conv1.weight"])
 
 
 # ---------------------------------------------------------------- two gloo processes
