@@ -26,8 +26,8 @@ from mmssl.errors import UserError
 # the installed `mmssl.configs` package: the repo's configs/ in an editable install, mmssl/configs in a wheel
 BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 
-LOSS_KINDS = ("clip", "siglip", "simclr", "moco")   # simclr / moco: the image tower alone
-IMAGE_ONLY_KINDS = ("simclr", "moco")               # their checkpoints have no trained text tower
+LOSS_KINDS = ("clip", "siglip", "simclr", "moco", "mae")   # simclr / moco / mae: the image tower alone
+IMAGE_ONLY_KINDS = ("simclr", "moco", "mae")               # their checkpoints have no trained text tower
 INPAINT_MODES = ("separate", "shared")
 SIMCLR_INPUTS = ("auto", "pooled", "projected")
 OPTIMIZERS = ("adamw", "muon")
@@ -97,7 +97,7 @@ class LossConfig:
     """The objective: contrastive (clip or siglip; simclr or moco for the image tower alone) plus
     weighted auxiliary heads, and the momentum queue (MoCo / ALBEF)."""
 
-    kind: str = "clip"            # clip | siglip | simclr | moco
+    kind: str = "clip"            # clip | siglip | simclr | moco | mae
     local_loss: bool = False
     gather_with_grad: bool = False
     mlm_weight: float = 0.0       # one <term>_weight per auxiliary term of mmssl.objective.TERMS; 0 = off

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.config import IMAGE_ONLY_KINDS
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
 from mmssl.heads.moco import MoCoHead
@@ -154,7 +155,7 @@ def _moco(objective, images, texts, outputs, draws):
 TERMS = (
     Term("mlm_loss", "mlm_weight", "mlm", lambda model, cfg, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
     Term("inpaint_loss", "inpaint_weight", "inpaint",
-         lambda model, cfg, heads: InpaintHead(model, heads.inpaint), _inpaint, _draw_patches),
+         lambda model, cfg, heads: InpaintHead(model, heads.inpaint), _inpaint, _draw_patches, kinds=("mae",)),
     Term("simclr_loss", "simclr_weight", "simclr", lambda model, cfg, heads: SimCLRHead(model, heads.simclr),
          _simclr, feature_keys=("simclr_z1", "simclr_z2"), features=_simclr_projections, kinds=("simclr",)),
     Term("moco_loss", None, "moco", lambda model, cfg, heads: MoCoHead(model, heads.simclr, cfg.loss), _moco,
@@ -168,8 +169,6 @@ def term_weight(loss_cfg, term: Term) -> float:
         return 1.0
     return float(getattr(loss_cfg, term.weight)) if term.weight else 0.0
 
-
-IMAGE_ONLY_KINDS = ("simclr", "moco")
 
 # round-2 objectives that are implemented (the rest are refused, not ignored)
 BUILT: tuple = ("loss.queue_size", "loss.distill_alpha", "loss.simclr_weight", "loss.kind=simclr", "loss.kind=moco")
@@ -394,5 +393,9 @@ def _check_image_only(cfg) -> None:
                         "loss.simclr_weight at 0")
     if cfg.loss.mlm_weight > 0:
         raise UserError(f"loss.mlm_weight needs captions; loss.kind={kind} trains the image tower alone")
-    if cfg.loss.distill_alpha > 0 and kind == "moco":
-        raise UserError("loss.distill_alpha is ALBEF's image-text distillation; it has no meaning for loss.kind=moco")
+    if cfg.loss.distill_alpha > 0 or cfg.loss.queue_size > 0 and kind != "moco":
+        raise UserError(f"loss.distill_alpha and loss.queue_size (but moco's) are image-text options; "
+                        f"loss.kind={kind} trains the image tower alone")
+    if kind == "mae" and (cfg.loss.inpaint_weight > 0 or cfg.heads.inpaint.mode == "shared"):
+        raise UserError("loss.kind=mae is inpainting alone (weight 1, its own encoder pass): leave "
+                        "loss.inpaint_weight at 0 and heads.inpaint.mode at separate")

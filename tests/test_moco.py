@@ -121,3 +121,32 @@ def test_moco_training_on_caption_free_shards_resumes_exactly(world, plain_image
     b = torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=True)
     assert int(a["heads"]["moco"]["momentum.filled"]) == 20
     assert all(torch.equal(a["heads"]["moco"][k], b["heads"]["moco"][k]) for k in a["heads"]["moco"])
+
+
+# ---------------------------------------------------------------- MAE alone, the image-only baseline
+
+
+def test_mae_kind_is_inpainting_alone_on_the_image_tower(micro_json, world, plain_images, tmp_path):
+    from helpers import exit_code
+    from mmssl.errors import UserError
+
+    cfg = load_config(None, [f"model.name={micro_json}", "loss.kind=mae", "heads.inpaint.decoder_width=32",
+                             "heads.inpaint.decoder_depth=1", "heads.inpaint.decoder_heads=2"])
+    torch.manual_seed(0)
+    objective = Objective(mmssl.create_model(cfg.model).train(), cfg)
+    assert set(objective.heads) == {"inpaint"} and objective.image_only and not objective.needs_views
+    images = views()[0]
+    torch.manual_seed(3)
+    terms = objective(images, None, step=0)
+    assert set(terms) == {"inpaint_loss", "loss"} and torch.equal(terms["loss"], terms["inpaint_loss"])
+    torch.manual_seed(3)                      # the same masks through the head directly
+    mask = objective.heads["inpaint"].sample_mask(objective.model, images)
+    torch.testing.assert_close(terms["inpaint_loss"], objective.heads["inpaint"](objective.model, images, mask).float())
+    with pytest.raises(UserError, match="loss.kind=mae is inpainting alone"):
+        Objective(mmssl.create_model(cfg.model), load_config(None, [f"model.name={micro_json}", "loss.kind=mae",
+                                                                      "loss.inpaint_weight=1"]))
+    trained = train(config(world, tmp_path / "mae", f"data.train={plain_images}", "loss.kind=mae", "train.steps=2",
+                           "train.batch_size=8", "data.workers=1", "data.shuffle_buffer=16"))
+    assert len(trained.losses) == 2 and all(np.isfinite(trained.losses))
+    assert exit_code(["eval", "zeroshot", "--checkpoint", str(trained.checkpoint), "--data",
+                      str(world / "syn" / "val")]) == 2                     # no trained text tower
