@@ -16,11 +16,11 @@ The queue's cost per step is measured apart, in one process, by alternating cali
 ratios mean much. Variants whose objective is not built yet (see `mmssl.objective.BUILT`) are
 listed as skipped.
 
-Image-only variants (`--image-only`: SimCLR, MoCo v2 with a 4096-key queue, and the untrained
-tower) train the image tower alone on the same images for the same budget and are scored by the
+Image-only variants (`--image-only`: SimCLR, MoCo v2 with a 4096-key queue, MAE inpainting
+alone, and the untrained tower) train the image tower alone on the same images for the same budget and are scored by the
 linear probe and a 20-NN classifier (`mmssl eval knn`) on the 48 labels.
 
-usage: python bench/ssl_objectives.py [--budget-s 300] [--variants clip-b128,queue-b32,...] [--image-only simclr,moco,random]
+usage: python bench/ssl_objectives.py [--budget-s 300] [--variants clip-b128,queue-b32,...] [--image-only simclr,moco,mae,random]
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ ANCHOR = "clip-b128"
 IMAGE_ONLY = {
     "simclr": ["loss.kind=simclr"],
     "moco": ["loss.kind=moco", "loss.queue_size=4096"],   # MoCo's 65536 would outnumber the 20k images
+    "mae": ["loss.kind=mae"],                             # inpainting alone (75% of patches hidden)
 }
 
 
