@@ -50,10 +50,7 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--work", default=str(REPO / "bench" / "results" / "aux_heads"))
     args = parser.parse_args()
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
+    names = pick_variants(parser, args.variants, VARIANTS)
     if ANCHOR not in names:
         names.insert(0, ANCHOR)
 
@@ -82,6 +79,15 @@ def main() -> None:
         run["throughput_vs_contrastive"] = run["samples_per_s"] / anchor
     result["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
+
+
+def pick_variants(parser, text: str, known) -> list[str]:
+    """The comma-separated names of `text`; a parser error for one not in `known`."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(known)})")
+    return names
 
 
 def synthetic_world(directory: Path, num_train: int, num_val: int) -> Path:

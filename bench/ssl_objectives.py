@@ -71,10 +71,8 @@ def main() -> None:
     parser.add_argument("--num-val", type=int, default=960)
     parser.add_argument("--work", default=str(REPO / "bench" / "results" / "ssl_objectives"))
     args = parser.parse_args()
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
+    names = aux_heads.pick_variants(parser, args.variants, VARIANTS)
+    image_only = aux_heads.pick_variants(parser, args.image_only, [*IMAGE_ONLY, "random"])
     if ANCHOR not in names and any(VARIANTS[name][0] == 32 for name in names):
         names.insert(0, ANCHOR)       # the batch-32 variants see the samples it saw
 
@@ -111,9 +109,7 @@ def main() -> None:
         result["variants"][name] = run
         print(f"[ssl_objectives] {name}: {json.dumps(run)}", file=sys.stderr, flush=True)
     result["image_only"] = {}
-    for name in [name.strip() for name in args.image_only.split(",") if name.strip()]:
-        if name != "random" and name not in IMAGE_ONLY:
-            parser.error(f"unknown image-only variant {name} (known: {', '.join(IMAGE_ONLY)}, random)")
+    for name in image_only:
         if name == "random":
             run = {"steps": 0, "checkpoint": "openclip:tiny-vit-64"}   # the same architecture at seed 0, untrained
         else:
