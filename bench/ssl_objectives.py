@@ -89,6 +89,7 @@ def main() -> None:
               "seed": 0, "variants": {}, "skipped": {}}
     result["queue_overhead"] = (queue_overhead(world, work, args.overhead_rounds)
                                 if args.overhead_rounds and "loss.queue_size" in BUILT else None)
+    print(f"[ssl_objectives] queue overhead: {json.dumps(result['queue_overhead'])}", file=sys.stderr, flush=True)
     anchor_steps = None
     for name in names:
         batch_size, extra, needs = VARIANTS[name]
