@@ -94,7 +94,7 @@ def create_app(searchers, options: ServeOptions | None = None):
         reservation = service.reservation()
         try:
             body = await service.read_body(request, reservation)
-            query = parse_search_request(body, MAX_K, True, options.max_text_chars)
+            query = parse_search_request(body, MAX_K, options.max_text_chars)
             del body
             served = service.index(query.index)
             if served.searcher.encoder is None:

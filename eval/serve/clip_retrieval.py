@@ -79,10 +79,7 @@ def parse_knn_request(body: bytes, max_text_chars: int) -> KnnQuery:
         raise BadRequest(400, "modality must be 'image' (search the images) or 'text' (search the captions)")
     num_images = _count(payload, "num_images", 40, MAX_NUM_IMAGES)
     num_result_ids = _count(payload, "num_result_ids", num_images, MAX_RESULT_IDS)
-    index = payload.get("indice_name")
-    if index is not None and not isinstance(index, str):
-        raise BadRequest(400, "indice_name must be the name of a served index (GET /indices-list)")
-    return KnnQuery(kind, value, modality, num_images, num_result_ids, index or None,
+    return KnnQuery(kind, value, modality, num_images, num_result_ids, _index_name(payload),
                     _flag(payload, "deduplicate"), _not_applied(payload))
 
 
@@ -93,10 +90,15 @@ def parse_metadata_request(body: bytes) -> tuple[list[int], str | None]:
         raise BadRequest(400, "ids must be a list of integer ids")
     if len(ids) > MAX_METADATA_IDS:
         raise BadRequest(400, f"at most {MAX_METADATA_IDS} ids per request, got {len(ids)}")
+    return ids, _index_name(payload)
+
+
+def _index_name(payload: dict) -> str | None:
+    """`indice_name`, or None for the default index ("" and null alike)."""
     index = payload.get("indice_name")
     if index is not None and not isinstance(index, str):
         raise BadRequest(400, "indice_name must be the name of a served index (GET /indices-list)")
-    return ids, index or None
+    return index or None
 
 
 def _json_object(body: bytes, example: str) -> dict:

@@ -88,7 +88,7 @@ async def read_limited_body(request, limit: int, timeout: float | None = None,
     return b"".join(chunks)
 
 
-def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_chars: int | None = None) -> SearchQuery:
+def parse_search_request(body: bytes, max_k: int, max_text_chars: int | None = None) -> SearchQuery:
     """A validated query. Cheap enough for the event loop; images are decoded separately."""
     from eval.index.query import MAX_TEXT_CHARS
 
@@ -116,8 +116,6 @@ def parse_search_request(body: bytes, max_k: int, has_model: bool, max_text_char
     text, image = payload.get("text"), payload.get("image")
     if (text is None) == (image is None):
         raise BadRequest(400, "give exactly one of 'text' or 'image'")
-    if not has_model:
-        raise BadRequest(400, "this index was built from embeddings without a model: it cannot embed queries")
     if text is not None:
         return SearchQuery("text", check_text(text, max_text_chars), k, index)
     if not isinstance(image, str) or not image:
