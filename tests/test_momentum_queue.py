@@ -239,3 +239,27 @@ def test_every_rank_holds_the_same_queue_as_one_process_on_the_whole_batch(micro
     for step in range(STEPS):       # rank losses (each over its own rows) average to the whole batch's
         torch.testing.assert_close((ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2, single[step],
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.queue_size=-1", "bad value for loss.queue_size: -1 (must be an integer >= 0 (0: off))"),
+    ("loss.momentum=1.0", "bad value for loss.momentum: 1.0 (must be in [0, 1))"),
+    ("loss.distill_alpha=1.5", "bad value for loss.distill_alpha: 1.5 (must be in [0, 1])"),
+    ("loss.moco_temperature=0", "bad value for loss.moco_temperature: 0.0 (must be > 0)"),
+])
+def test_bad_queue_settings_are_one_line_config_errors(micro_json, override, message):
+    from mmssl.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        load_config(None, [f"model.name={micro_json}", override])
+    assert str(caught.value) == message
+
+
+def test_queue_combinations_that_cannot_work_are_refused(micro_json):
+    from mmssl.errors import UserError
+
+    with pytest.raises(UserError, match="loss.distill_alpha needs the momentum model"):
+        build(micro_json, "loss.queue_size=0", "loss.distill_alpha=0.4")
+    with pytest.raises(UserError, match="works with loss.kind=clip"):
+        cfg = load_config(None, [f"model.name={micro_json}", "loss.queue_size=8", "loss.kind=siglip"])
+        Objective(mmssl.create_model(cfg.model, siglip=True), cfg)

@@ -233,6 +233,11 @@ def test_search_and_image_routes_take_the_index_name(service, searchers):
      "modality must be 'image' (search the images) or 'text' (search the captions)"),
     ({"text": "x", "deduplicate": "yes"}, 400, "deduplicate must be true, false or null"),
     ({"image": "not base64!"}, 400, "image is not valid base64"),
+    ({"embedding_input": ["0.1"] * 128}, 400, "embedding_input must be a non-empty list of numbers"),
+    ({"text": "x", "indice_name": 7}, 400, "indice_name must be the name of a served index (GET /indices-list)"),
+    ({"text": "x", "aesthetic_score": "nine"}, 400, 'aesthetic_score must be a number, a numeric string, "" or null'),
+    ({"text": "x", "num_images": True}, 400, "num_images must be an integer in 1..1000"),
+    ({"text": "x" * 1001}, 400, "text is 1001 characters; the limit is 1000 (--max-text-chars)"),
 ])
 def test_bad_knn_requests_get_a_json_400_naming_the_problem(service, fields, status, message):
     response = knn(service, **fields)
@@ -242,6 +247,31 @@ def test_bad_knn_requests_get_a_json_400_naming_the_problem(service, fields, sta
 def test_clip_client_sees_a_json_error_for_an_unknown_index(service, clip_client_module):
     answer = client(clip_client_module, service, indice_name="laion5B").query(text="a cat")   # no JSONDecodeError
     assert answer == {"error": "unknown index 'laion5B'; this service has: syn, plain"}
+
+
+def test_nan_in_an_embedding_is_refused(service):
+    body = '{"embedding_input": [NaN' + ", 0.1" * 127 + '], "indice_name": "syn"}'    # Python's json reads NaN
+    response = requests.post(f"{service}/knn-service", data=body)
+    assert response.status_code == 400 and response.json() == {"error": "embedding_input must be finite and not all zeros"}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"ids": "0,1"}, "ids must be a list of integer ids"),
+    ({"ids": [True]}, "ids must be a list of integer ids"),
+    ({"ids": list(range(1001))}, "at most 1000 ids per request, got 1001"),
+    ({"ids": [-1]}, f"id -1 is not in index 'syn' (ids are 0..{NUM_ITEMS - 1})"),
+    ({"ids": [0], "indice_name": "nope"}, "unknown index 'nope'; this service has: syn, plain"),
+])
+def test_bad_metadata_requests_get_a_json_400(service, body, message):
+    response = requests.post(f"{service}/metadata", data=json.dumps(body))
+    assert response.status_code == 400 and response.json() == {"error": message}
+
+
+def test_a_knn_body_over_the_limit_is_refused_before_it_is_read_whole(searchers):
+    with serving(searchers, max_body_bytes=4096) as url:
+        response = requests.post(f"{url}/knn-service", data=json.dumps({"text": "x", "image": "A" * 10_000}))
+        assert response.status_code == 413 and response.json() == {"error": "request body over 4096 bytes"}
+        assert knn(url, text="a red circle").status_code == 200          # still serving
 
 
 def test_a_non_json_body_is_a_json_error(service):
