@@ -17,6 +17,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _quality(text: str) -> int:
     value = _positive_int(text)
     if value > 100:
@@ -66,7 +76,7 @@ def run_synthetic(args) -> int:
 
     manifests = synthetic.generate(
         args.out, num_train=args.num_train, num_val=args.num_val, num_heldout=args.num_heldout,
-        image_size=args.image_size, seed=args.seed, **_output_kwargs(args),
+        num_binding=args.num_binding, image_size=args.image_size, seed=args.seed, **_output_kwargs(args),
     )
     for split, manifest in manifests.items():
         _print_summary(f"synthetic {split}", manifest, os.path.join(args.out, split))
@@ -117,10 +127,14 @@ def register(subparsers) -> None:
     modes = prep.add_subparsers(dest="prep_mode", metavar="MODE")
     modes.required = True
 
-    synthetic = modes.add_parser("synthetic", help="render the embedded synthetic world (train/val/heldout)")
+    synthetic = modes.add_parser("synthetic", help="render the embedded synthetic world "
+                                                         "(train/val/heldout/binding)")
     synthetic.add_argument("--num-train", type=_positive_int, default=20000)
     synthetic.add_argument("--num-val", type=_positive_int, default=2000)
     synthetic.add_argument("--num-heldout", type=_positive_int, default=None, help="default: num-val / 4")
+    synthetic.add_argument("--num-binding", type=_non_negative_int, default=None,
+                           help="two-object scenes with attribute-swapped negative captions, for "
+                                "`mmssl eval caption-selection` (default: num-val / 4; 0: no binding split)")
     synthetic.add_argument("--image-size", type=_positive_int, default=64)
     synthetic.add_argument("--seed", type=int, default=0)
     _add_output_options(synthetic)

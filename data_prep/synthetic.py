@@ -1,9 +1,13 @@
 """The embedded synthetic world: coloured shapes on noise, captioned from templates.
 
-8 colours x 6 shapes x 2 sizes; a train scene holds one or two objects, an eval scene one. The 48
-labels are colour + shape (index = colour_index * 6 + shape_index, the classnames.txt order).
+8 colours x 6 shapes x 2 sizes; a train scene holds one or two objects, a val or heldout scene one,
+a binding scene two. The 48 labels are colour + shape (index = colour_index * 6 + shape_index, the
+classnames.txt order).
 Six colour-shape pairs, one per shape with six different colours, never occur anywhere in train:
 `heldout` scores whether a model composes colour and shape it only saw apart.
+`binding` holds two-object scenes (two seen pairs, different colours and different shapes) whose
+json lists the true caption first, then one negative per kind of attribute swap (colour, shape,
+position): caption selection scores whether a model binds each colour to its own shape and place.
 
 Every sample is drawn from its own generator seeded by (seed, split, row index), so a sample does
 not depend on which worker or which run renders it: same seed and sizes, same bytes.
@@ -42,7 +46,7 @@ HELDOUT_PAIRS = (
     ("orange", "cross"),
     ("pink", "diamond"),
 )
-SPLITS = {"train": 0, "val": 1, "heldout": 2}  # split code: part of each sample's seed
+SPLITS = {"train": 0, "val": 1, "heldout": 2, "binding": 3}  # split code: part of each sample's seed
 TEMPLATES = (
     "a {}",
     "a photo of a {}",
@@ -89,6 +93,29 @@ _TWO_OBJECTS = {
         "a {b} and a {a}",
     ),
 }
+
+
+# the binding split's one caption family: {a} / {b} are "colour shape", first / second object
+_BINDING_TEMPLATE = {
+    "horizontal": "a {a} on the left and a {b} on the right",
+    "vertical": "a {a} at the top and a {b} at the bottom",
+}
+NEGATIVE_KINDS = ("colour_swap", "shape_swap", "position_swap")
+
+
+def binding_captions(objects: list, layout: str) -> tuple[str, list[str]]:
+    """(true caption, negatives in NEGATIVE_KINDS order) of a two-object binding scene.
+
+    colour_swap: the objects' colours exchanged; shape_swap: their shapes exchanged;
+    position_swap: the objects exchanged between the two places."""
+    first, second = objects
+
+    def caption(a: tuple, b: tuple) -> str:
+        return _articles(_BINDING_TEMPLATE[layout].format(a=" ".join(a), b=" ".join(b)))
+
+    (ca, sa), (cb, sb) = (first["colour"], first["shape"]), (second["colour"], second["shape"])
+    negatives = [caption((cb, sa), (ca, sb)), caption((ca, sb), (cb, sa)), caption((cb, sb), (ca, sa))]
+    return caption((ca, sa), (cb, sb)), negatives
 
 
 def _articles(caption: str) -> str:
@@ -142,6 +169,8 @@ class SceneRenderer:
 
     def __call__(self, index: int, row) -> Sample:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        if self.split == "binding":
+            return self._binding_scene(rng)
         two = self.split == "train" and rng.random() < 0.5
         objects, caption = self._two_objects(rng) if two else self._one_object(rng)
         image = self._draw(rng, objects)
@@ -177,8 +206,34 @@ class SceneRenderer:
         caption = template.format(size=obj["size"], colour=obj["colour"], shape=obj["shape"], where=phrase)
         return [obj], caption
 
+    def _binding_scene(self, rng) -> Sample:
+        """Two objects of different colours and different shapes, the true caption and its swaps."""
+        first = self._object(rng)
+        others = [(c, s) for c, s in self.pairs if c != first["colour"] and s != first["shape"]]
+        colour, shape = others[rng.integers(len(others))]
+        second = {"colour": colour, "shape": shape, "size": "small" if rng.random() < 0.5 else "large"}
+        layout = self._lay_out(rng, first, second)
+        objects = [first, second]
+        image = self._draw(rng, objects)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+        caption, negatives = binding_captions(objects, layout)
+        meta = {"objects": objects, "layout": layout, "captions": [caption, *negatives],
+                "negative_kinds": list(NEGATIVE_KINDS)}
+        return Sample(buffer.getvalue(), caption, meta)
+
     def _two_objects(self, rng):
         first, second = self._object(rng), self._object(rng)
+        layout = self._lay_out(rng, first, second)
+        templates = _TWO_OBJECTS[layout]
+        caption = templates[rng.integers(len(templates))].format(
+            a=f"{first['colour']} {first['shape']}", b=f"{second['colour']} {second['shape']}",
+            size_a=first["size"], size_b=second["size"],
+        )
+        return [first, second], caption
+
+    def _lay_out(self, rng, first: dict, second: dict) -> str:
+        """Side by side or one above the other (drawn here): places both objects, returns the layout."""
         layout = "horizontal" if rng.random() < 0.5 else "vertical"
         side, half = self.image_size, self.image_size / 2
         if layout == "horizontal":  # first on the left half, second on the right half
@@ -189,12 +244,7 @@ class SceneRenderer:
             self._place(rng, first, 0, side, 0, half - self._radius(first))
             self._place(rng, second, 0, side, half + self._radius(second), side)
             first["position"], second["position"] = "top", "bottom"
-        templates = _TWO_OBJECTS[layout]
-        caption = templates[rng.integers(len(templates))].format(
-            a=f"{first['colour']} {first['shape']}", b=f"{second['colour']} {second['shape']}",
-            size_a=first["size"], size_b=second["size"],
-        )
-        return [first, second], caption
+        return layout
 
     def _draw(self, rng, objects) -> Image.Image:
         side = self.image_size
@@ -222,6 +272,7 @@ def generate(
     num_train: int = 20000,
     num_val: int = 2000,
     num_heldout: int | None = None,
+    num_binding: int | None = None,
     image_size: int = 64,
     seed: int = 0,
     shard_size: int = 1000,
@@ -230,9 +281,10 @@ def generate(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Write `out_dir/{train,val,heldout}` shard folders; returns {split: manifest}.
+    """Write `out_dir/{train,val,heldout,binding}` shard folders; returns {split: manifest}.
 
-    `num_heldout` defaults to num_val // 4. classnames.txt and templates.txt go beside every split.
+    `num_heldout` and `num_binding` default to num_val // 4; `num_binding=0` writes no binding
+    split. classnames.txt and templates.txt go beside every split.
     """
     from mmssl.errors import UserError
 
@@ -242,15 +294,22 @@ def generate(
     for split, count in sizes.items():
         if count < 1:
             raise UserError(f"the {split} split needs at least 1 sample, got {count}")
+    binding = num_val // 4 if num_binding is None else num_binding
+    if binding < 0:
+        raise UserError(f"--num-binding must be 0 (no binding split) or more, got {binding}")
+    if binding:
+        sizes["binding"] = binding
     manifests = {}
     for split, count in sizes.items():
         split_dir = Path(out_dir) / split
         source = {"kind": "synthetic", "split": split, "seed": seed, "num_samples": count}
+        extra = {"num_classes": len(classnames()), "heldout_pairs": [" ".join(p) for p in HELDOUT_PAIRS]}
+        if split == "binding":
+            extra["negative_kinds"] = list(NEGATIVE_KINDS)
         manifests[split] = write_dataset(
             split_dir, list(range(count)), SceneRenderer(split, seed, image_size),
             source=source, image_size=image_size, shard_size=shard_size, workers=workers,
-            resume=resume, overwrite=overwrite, desc=f"synthetic {split}", quiet=quiet,
-            extra={"num_classes": len(classnames()), "heldout_pairs": [" ".join(p) for p in HELDOUT_PAIRS]},
+            resume=resume, overwrite=overwrite, desc=f"synthetic {split}", quiet=quiet, extra=extra,
         )
         write_lines(split_dir / "classnames.txt", classnames())
         write_lines(split_dir / "templates.txt", TEMPLATES)

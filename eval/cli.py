@@ -1,5 +1,5 @@
-"""`mmssl eval zeroshot | retrieval | linear-probe | knn | suite`: CLIP_benchmark-style JSON on stdout (and
---output); `suite` runs a datasets file for several models (eval/suite.py).
+"""`mmssl eval zeroshot | retrieval | linear-probe | knn | caption-selection | suite`: CLIP_benchmark-style
+JSON on stdout (and --output); `suite` runs a datasets file for several models (eval/suite.py).
 
 Only argparse and pathlib at import time: torch, open_clip and FAISS load inside the handlers.
 NaN metrics (acc5 with fewer than 5 classes) are written as JSON null so any JSON reader accepts them.
@@ -54,6 +54,18 @@ def register(subparsers) -> None:
     knn.add_argument("--test", required=True, help="labelled test set (a CLIP_benchmark folder: its test split)")
     knn.add_argument("--k", type=_positive_int, default=20, help="neighbours per test image (default 20)")
     knn.set_defaults(func=run_knn_command)
+
+    selection = tasks.add_parser("caption-selection", help="does each image's true caption outscore its hard "
+                                                           "negatives (json 'captions': true first)?")
+    _add_model_options(selection)
+    selection.add_argument("--data", required=True, help="shards whose json holds 'captions' (true caption first, "
+                                                         "then negatives) and optionally 'negative_kinds', e.g. "
+                                                         "the binding/ split of `mmssl prep synthetic`")
+    _add_split_option(selection)
+    selection.add_argument("--scorer", choices=("cosine", "itm"), default="cosine",
+                           help="cosine: dual-encoder image.text similarity; itm: the checkpoint's "
+                                "image-text matching head")
+    selection.set_defaults(func=run_caption_selection_command)
 
     suite = tasks.add_parser("suite", help="several models on the evaluations a datasets file lists, "
                                            "each model loaded once; one JSON per pair, one table")
@@ -136,6 +148,16 @@ def run_knn_command(args) -> int:
     result = run_knn(load_model(args.checkpoint, args.precision), args.train, args.test, args.k,
                      args.batch_size, args.workers, allow_remote=args.allow_remote)
     _emit(result, args.output)
+
+
+def run_caption_selection_command(args) -> int:
+    from eval.caption_selection import run_caption_selection
+    from eval.embed import load_model
+
+    outcome = run_caption_selection(load_model(args.checkpoint, args.precision), args.data, args.scorer,
+                                    checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                                    allow_remote=args.allow_remote, split=args.split)
+    _emit(outcome["result"], args.output)
 
 
 def run_suite_command(args) -> int:

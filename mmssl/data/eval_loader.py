@@ -11,7 +11,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmssl.data.samples import CorruptSample, LostSamples, SampleDecoder, eval_targets, shard_samples
+from mmssl.data.samples import CorruptSample, LostSamples, SampleDecoder, eval_targets, sample_meta, shard_samples
 from mmssl.data.sources import SourceSpec, resolve_shards
 
 
@@ -20,6 +20,7 @@ class EvalBatch(NamedTuple):
     labels: Optional[torch.Tensor]  # [B] int64 from json `label`; None when any sample lacks one
     captions: list                  # per sample, the list of all its captions (json `captions` or .txt)
     keys: list                      # sample keys (str)
+    meta: Optional[list] = None     # per sample, its json as a dict ({} without one); None: not read
 
 
 def _as_is(item):
@@ -52,13 +53,15 @@ class _EvalStream(IterableDataset):
             yield (self._collate(pending) if pending else None), corrupt
 
     def _decode(self, raw: dict, caption_lines: bool):
-        label, captions = self.decoder.guarded(raw, eval_targets, raw, caption_lines)
-        return self.decoder.guarded(raw, self.decoder.image, raw), label, captions, raw["__key__"]
+        meta = self.decoder.guarded(raw, sample_meta, raw)
+        label, captions = self.decoder.guarded(raw, eval_targets, raw, caption_lines, meta)
+        return self.decoder.guarded(raw, self.decoder.image, raw), label, captions, raw["__key__"], meta
 
     def _collate(self, samples: list) -> EvalBatch:
-        images, labels, captions, keys = zip(*samples)
+        images, labels, captions, keys, metas = zip(*samples)
         label_tensor = None if any(label is None for label in labels) else torch.tensor(labels)
-        return EvalBatch(self.decoder.images.batch(list(images)), label_tensor, list(captions), list(keys))
+        return EvalBatch(self.decoder.images.batch(list(images)), label_tensor, list(captions), list(keys),
+                         list(metas))
 
 
 class EvalLoader:

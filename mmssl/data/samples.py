@@ -128,13 +128,23 @@ class SampleDecoder:
         return text.decode("utf-8").strip()
 
 
-def eval_targets(raw: dict, caption_lines: bool = False) -> tuple[Optional[int], list[str]]:
+def sample_meta(raw: dict) -> dict:
+    """A raw sample's `.json` member parsed ({} without one); anything but a JSON object is an error."""
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"the json member is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def eval_targets(raw: dict, caption_lines: bool = False,
+                 meta: Optional[dict] = None) -> tuple[Optional[int], list[str]]:
     """The label (json `label`, else `.cls` as webdataset writes it, else None) and every caption
     of a raw sample, for evaluation. `caption_lines`: the `.txt` holds one caption per line
     (CLIP_benchmark's layout, `mmssl.data.benchmark_layout`); otherwise it is one caption.
+    `meta`: the sample's json already parsed (`sample_meta`), else it is parsed here.
 
     A sample with neither is unusable: CorruptSample."""
-    meta = json.loads(raw["json"]) if "json" in raw else {}
+    meta = sample_meta(raw) if meta is None else meta
     captions = [str(c) for c in meta.get("captions") or []]
     if not captions and "txt" in raw:
         captions = benchmark_captions(raw["txt"]) if caption_lines else [raw["txt"].decode("utf-8").strip()]

@@ -1,0 +1,159 @@
+"""Image-caption selection: for every image, does the true caption outscore its hard negatives?
+
+Each sample lists its captions in its json (`captions`: the true one first, then the negatives)
+and, optionally, what each negative is (`negative_kinds`, aligned with captions[1:], e.g.
+colour_swap / shape_swap / position_swap in the synthetic world's `binding/` split). An image is
+correct when the true caption scores strictly above every negative (a tie is wrong); per kind,
+`acc_<kind>` is the fraction of (image, negative of that kind) pairs the true caption wins.
+
+A scorer is one function, `score_pairs(loaded, images [B, 3, H, W], tokens [B, K, L]) -> [B, K]`
+scores (higher: a better match); `SCORERS` maps a name to a builder `(checkpoint, loaded) ->
+score_pairs`. "cosine" is the dual encoder's normalised image . text similarity; "itm" is an
+image-text matching head's score, built by `mmssl.heads.itm_scoring.build_itm_scorer`.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from eval.embed import LoadedModel, _progress, evaluation_mode, open_eval_data, precision_context
+from mmssl.errors import UserError
+
+TASK = "image_caption_selection"
+ScorePairs = Callable[[LoadedModel, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cosine_scores(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, K] cosine similarity of each image with each of its K captions (one encoder pass each)."""
+    batch, count, length = tokens.shape
+    image_features = torch.nn.functional.normalize(loaded.model.encode_image(images).float(), dim=-1)
+    text_features = loaded.model.encode_text(tokens.reshape(batch * count, length)).float()
+    text_features = torch.nn.functional.normalize(text_features, dim=-1).view(batch, count, -1)
+    return torch.einsum("bd,bkd->bk", image_features, text_features)
+
+
+def _cosine(checkpoint: str, loaded: LoadedModel) -> ScorePairs:
+    from mmssl.models.factory import require_text_tower
+
+    require_text_tower(loaded.model, "mmssl eval caption-selection --scorer cosine")
+    return cosine_scores
+
+
+def _itm(checkpoint: str, loaded: LoadedModel) -> ScorePairs:
+    try:
+        from mmssl.heads.itm_scoring import build_itm_scorer
+    except ModuleNotFoundError as err:
+        if err.name not in ("mmssl.heads.itm_scoring", "mmssl.heads"):
+            raise
+        raise UserError(f"the checkpoint has no ITM head to score with ({checkpoint}): this mmssl has no ITM "
+                        "scoring; use --scorer cosine") from None
+    return build_itm_scorer(checkpoint, loaded)
+
+
+SCORERS: dict[str, Callable[[str, LoadedModel], ScorePairs]] = {"cosine": _cosine, "itm": _itm}
+
+
+def run_caption_selection(loaded: LoadedModel, data: str, scorer: str = "cosine", checkpoint: Optional[str] = None,
+                          batch_size: int = 256, workers: int = 2, allow_remote: bool = False,
+                          split: Optional[str] = None, score_pairs: Optional[ScorePairs] = None) -> dict:
+    """Score one set whose samples carry a json `captions` list; returns {"result": CLIP_benchmark-
+    shaped dict, "scores": per image its [K] scores (numpy), "kinds", "keys", "seconds"}.
+    `score_pairs` overrides the `scorer` registry entry (tests, callers with their own scorer)."""
+    if score_pairs is None:
+        if scorer not in SCORERS:
+            raise UserError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        score_pairs = SCORERS[scorer](checkpoint or loaded.pretrained, loaded)
+    with evaluation_mode(loaded.model):
+        return _run(loaded, data, scorer, score_pairs, batch_size, workers, allow_remote, split)
+
+
+def _run(loaded, data, scorer, score_pairs, batch_size, workers, allow_remote, split) -> dict:
+    start = time.perf_counter()
+    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, split)
+    all_scores, all_kinds, keys = [], [], []
+    progress = _progress(getattr(batches, "num_samples", None), "images and their captions", "img")
+    with torch.inference_mode(), precision_context(loaded):
+        for batch in batches:
+            metas = batch.meta if batch.meta is not None else [{}] * len(batch.keys)
+            kinds = [_negative_kinds(data, key, captions, meta)
+                     for key, captions, meta in zip(batch.keys, batch.captions, metas)]
+            images = batch.images.to(loaded.device, non_blocking=True)
+            scores = [None] * len(batch.keys)
+            # samples with the same number of captions are scored together: tokens [B, K, L]
+            by_count = defaultdict(list)
+            for position, captions in enumerate(batch.captions):
+                by_count[len(captions)].append(position)
+            for count, positions in by_count.items():
+                texts = [caption for position in positions for caption in batch.captions[position]]
+                tokens = loaded.tokenizer(texts).to(loaded.device)
+                tokens = tokens.view(len(positions), count, -1)
+                chosen = images if len(positions) == len(images) else \
+                    images[torch.tensor(positions, device=images.device)]
+                got = score_pairs(loaded, chosen, tokens)
+                if tuple(got.shape) != (len(positions), count):
+                    raise ValueError(f"a scorer returned scores of shape {tuple(got.shape)}, "
+                                     f"expected {(len(positions), count)}")
+                got = got.float().cpu().numpy()
+                for row, position in enumerate(positions):
+                    scores[position] = got[row]
+            all_scores.extend(scores)
+            all_kinds.extend(kinds)
+            keys.extend(batch.keys)
+            progress.update(len(batch.keys))
+    progress.close()
+    if not keys:
+        raise UserError(f"{data}: no usable samples ({batches.corrupt_count} corrupt ones skipped)")
+    result = {
+        "dataset": data,
+        "model": loaded.name,
+        "pretrained": loaded.pretrained,
+        "task": TASK,
+        "metrics": selection_metrics(all_scores, all_kinds),
+        "language": "en",
+        "scorer": scorer,
+        "num_samples": len(keys),
+        "num_skipped": batches.corrupt_count,
+    }
+    return {"result": result, "scores": all_scores, "kinds": all_kinds, "keys": keys,
+            "seconds": time.perf_counter() - start}
+
+
+def selection_metrics(scores, kinds) -> dict:
+    """`scores`: per image, the scores of its captions (true first); `kinds`: per image, the kind
+    of each negative. acc: true caption strictly above every negative; acc_<kind>: fraction of
+    (image, negative of that kind) pairs where the true caption is strictly above; chance: the
+    expected acc of random scores (mean of 1 / number of captions)."""
+    wins, total = defaultdict(int), defaultdict(int)
+    correct, chance = 0, 0.0
+    for image_scores, image_kinds in zip(scores, kinds):
+        image_scores = np.asarray(image_scores, dtype=np.float64)
+        beats = image_scores[0] > image_scores[1:]
+        correct += bool(beats.all())
+        chance += 1.0 / len(image_scores)
+        for kind, won in zip(image_kinds, beats):
+            wins[kind] += bool(won)
+            total[kind] += 1
+    count = len(scores)
+    metrics = {"acc": correct / count}
+    metrics.update({f"acc_{kind}": wins[kind] / total[kind] for kind in total})
+    metrics.update({"chance": chance / count, "num_images": count})
+    return metrics
+
+
+def _negative_kinds(data: str, key: str, captions: list, meta: dict) -> list:
+    """The kind of each negative of one sample: its json `negative_kinds`, else negative_1, 2, ..."""
+    if len(captions) < 2:
+        raise UserError(f"{data}: sample {key} has {len(captions)} caption(s); caption selection needs a json "
+                        "'captions' list of at least 2 (the true caption, then negatives), as in the "
+                        "binding/ split of `mmssl prep synthetic`")
+    kinds = meta.get("negative_kinds")
+    if kinds is None:
+        return [f"negative_{i}" for i in range(1, len(captions))]
+    if not isinstance(kinds, list) or len(kinds) != len(captions) - 1 or not all(isinstance(k, str) for k in kinds):
+        raise UserError(f"{data}: sample {key}: json 'negative_kinds' must be a list of {len(captions) - 1} "
+                        "strings, one per negative caption")
+    return kinds
