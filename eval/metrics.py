@@ -81,9 +81,19 @@ def retrieval_metrics(
     _check_retrieval_inputs(images, texts, owners, ks)
     images, texts = _normalised(images), _normalised(texts)
 
+    return metrics_from_ranks(*retrieval_ranks(images, texts, owners, chunk_bytes), ks)
+
+
+def retrieval_ranks(images: np.ndarray, texts: np.ndarray, owners: np.ndarray,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """(rank of each caption's image, rank of each image's best caption), 1-based, on unit features."""
     text_ranks = best_positive_ranks(texts, images, *_one_positive_each(owners), chunk_bytes)
     image_ranks = best_positive_ranks(images, texts, *_captions_by_image(owners, len(images)), chunk_bytes)
+    return text_ranks, image_ranks
 
+
+def metrics_from_ranks(text_ranks: np.ndarray, image_ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """CLIP_benchmark's recall@K names plus mean / median rank, from the ranks of both directions."""
     metrics = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = float(np.mean(text_ranks <= k))

@@ -109,6 +109,7 @@ class LossConfig:
                                   # 0.995, moco: MoCo's 0.999)
     distill_alpha: float = 0.0    # ALBEF momentum distillation: weight of the momentum model's soft targets
     moco_temperature: float = 0.2
+    itm_weight: float = 0.0       # image-text matching on hard negatives (ALBEF), fusion head heads.itm
 
     def __post_init__(self):
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
@@ -177,10 +178,25 @@ class SimCLRHeadConfig:
 
 
 @dataclass
+class ItmHeadConfig:
+    """The image-text matching head's fusion encoder (mmssl.heads.itm), at the text tower's width."""
+
+    layers: int = 2
+    heads: int = 0                # attention heads; 0: the text tower's
+
+    def __post_init__(self):
+        check_values("heads.itm", self, [
+            ("layers", isinstance(self.layers, int) and self.layers >= 1, "must be an integer >= 1"),
+            ("heads", isinstance(self.heads, int) and self.heads >= 0, "must be an integer >= 0 (0: the text tower's)"),
+        ])
+
+
+@dataclass
 class HeadsConfig:
     mlm: MLMHeadConfig = field(default_factory=MLMHeadConfig)
     inpaint: InpaintHeadConfig = field(default_factory=InpaintHeadConfig)
     simclr: SimCLRHeadConfig = field(default_factory=SimCLRHeadConfig)
+    itm: ItmHeadConfig = field(default_factory=ItmHeadConfig)
 
 
 @dataclass

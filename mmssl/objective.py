@@ -47,12 +47,14 @@ from torch import nn
 from mmssl.config import IMAGE_ONLY_KINDS
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
+from mmssl.heads.itm import ITMHead, draw_itm
 from mmssl.heads.moco import MoCoHead
 from mmssl.heads.momentum import MomentumTowers, momentum_of
 from mmssl.heads.simclr import SimCLRHead
 from mmssl.heads.vit_tokens import encode_visible
 from mmssl.losses import ClipLoss, SigLipLoss, SimCLRLoss, queue_contrastive_loss, moco_loss
 from mmssl.models.text_trim import encode_text
+from mmssl.models.tower_tokens import image_tokens, text_tokens, text_valid
 from mmssl.train.policy import autocast
 
 
@@ -97,6 +99,12 @@ class Term:
     feature_keys: tuple = ()
     features: Optional[Callable] = None          # (objective, views) -> {key: [rows, D]}
     kinds: tuple = ()                            # loss kinds in which this term is the whole loss (weight 1)
+    pair_tokens: bool = False                    # reads both towers' token states ("image_tokens",
+                                                 # "text_tokens") from the image-text pass
+
+    @property
+    def is_batch_term(self) -> bool:
+        return bool(self.feature_keys)
 
 
 def _draw_mlm(objective, images, texts, step):
@@ -152,6 +160,18 @@ def _moco(objective, images, texts, outputs, draws):
     return moco_loss(outputs["moco_q"].float(), own, head.momentum.negatives()[0], head.temperature)
 
 
+def _draw_itm(objective, images, texts, step):
+    return draw_itm(texts, text_valid(objective.model, texts))
+
+
+def _itm(objective, images, texts, outputs, draws):
+    with torch.no_grad():
+        logits_per_image = outputs["logit_scale"] * outputs["image_features"] @ outputs["text_features"].t()
+    with autocast(objective.precision, outputs["image_tokens"].device):
+        return objective.heads["itm"].loss(outputs["image_tokens"], outputs["text_tokens"], logits_per_image,
+                                           draws.masks["itm_loss"])
+
+
 TERMS = (
     Term("mlm_loss", "mlm_weight", "mlm", lambda model, cfg, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
     Term("inpaint_loss", "inpaint_weight", "inpaint",
@@ -160,6 +180,8 @@ TERMS = (
          _simclr, feature_keys=("simclr_z1", "simclr_z2"), features=_simclr_projections, kinds=("simclr",)),
     Term("moco_loss", None, "moco", lambda model, cfg, heads: MoCoHead(model, heads.simclr, cfg.loss), _moco,
          _draw_moco, feature_keys=("moco_q", "moco_k"), features=_moco_features, kinds=("moco",)),
+    Term("itm_loss", "itm_weight", "itm", lambda model, cfg, heads: ITMHead(model, heads.itm), _itm, _draw_itm,
+         feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
 )
 
 
@@ -210,6 +232,7 @@ class Objective(nn.Module):
         self.terms = [term for term in TERMS if term_weight(cfg.loss, term) > 0]
         self.weights = {term.name: term_weight(cfg.loss, term) for term in self.terms}
         self.needs_views = any(term.features is not None for term in self.terms)
+        self.needs_tokens = any(term.pair_tokens for term in self.terms)
         self.simclr_temperature = cfg.loss.simclr_temperature
         heads = _resolve_heads(cfg)
         self.heads = nn.ModuleDict({term.head: term.build_head(model, cfg, heads) for term in self.terms})
@@ -286,13 +309,22 @@ class Objective(nn.Module):
     def _encode_pairs(self, images: torch.Tensor, texts: torch.Tensor, draws: Draws) -> dict:
         mask = draws.masks.get("inpaint_loss") if self.shared_masking else None
         with autocast(self.precision, images.device):
-            outputs = {"text_features": encode_text(self.model, texts, normalize=True),
-                       "logit_scale": self.model.logit_scale.exp()}
-            if mask is None:
-                outputs["image_features"] = self.model.encode_image(images, normalize=True)
+            outputs = {"logit_scale": self.model.logit_scale.exp()}
+            if self.needs_tokens:
+                text = text_tokens(self.model, texts)
+                outputs.update(text_features=F.normalize(text.features, dim=-1), text_tokens=text.tokens)
             else:
+                outputs["text_features"] = encode_text(self.model, texts, normalize=True)
+            if mask is not None:
                 visible = encode_visible(self.model.visual, images, mask.keep)
                 outputs.update(image_features=F.normalize(visible.features, dim=-1), visible=visible)
+                if self.needs_tokens:
+                    outputs["image_tokens"] = visible.tokens
+            elif self.needs_tokens:
+                image = image_tokens(self.model.visual, images)
+                outputs.update(image_features=F.normalize(image.features, dim=-1), image_tokens=image.tokens)
+            else:
+                outputs["image_features"] = self.model.encode_image(images, normalize=True)
         if self.siglip:
             outputs["logit_bias"] = self.model.logit_bias
         return outputs
@@ -319,7 +351,7 @@ class Objective(nn.Module):
         the batch terms of the enabled heads (e.g. "simclr_loss")."""
         values = {} if self.image_only else {"contrastive_loss": self.contrastive_loss(outputs, draws)}
         for term in self.terms:
-            if term.features is not None:
+            if term.is_batch_term:
                 values[term.name] = term.compute(self, None, None, outputs, draws).float()
         return values
 
@@ -328,8 +360,8 @@ class Objective(nn.Module):
         values = {}
         with autocast(self.precision, images.device):
             for term in self.terms:
-                if term.features is not None:
-                    continue  # a batch term: `batch_terms`
+                if term.is_batch_term:
+                    continue  # `batch_terms`
                 value = term.compute(self, images, texts, outputs, draws)
                 if value is not None:
                     values[term.name] = value.float()
@@ -391,8 +423,9 @@ def _check_image_only(cfg) -> None:
         raise UserError(f"loss.simclr_weight adds SimCLR to an image-text loss; with loss.kind={kind} "
                         f"{'SimCLR is the whole loss' if kind == 'simclr' else 'MoCo is the loss'}: leave "
                         "loss.simclr_weight at 0")
-    if cfg.loss.mlm_weight > 0:
-        raise UserError(f"loss.mlm_weight needs captions; loss.kind={kind} trains the image tower alone")
+    for weight in ("mlm_weight", "itm_weight"):
+        if getattr(cfg.loss, weight) > 0:
+            raise UserError(f"loss.{weight} needs captions; loss.kind={kind} trains the image tower alone")
     if cfg.loss.distill_alpha > 0 or cfg.loss.queue_size > 0 and kind != "moco":
         raise UserError(f"loss.distill_alpha and loss.queue_size (but moco's) are image-text options; "
                         f"loss.kind={kind} trains the image tower alone")
