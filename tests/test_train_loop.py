@@ -41,6 +41,19 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
+def test_resume_is_exact_when_the_objective_draws_random_masks(world, tmp_path):
+    """MLM draws its token masks from the global RNG each step; the loader must not draw from it
+    when a resumed run starts iterating (it once took its base seed from there: one draw off)."""
+    extra = ("train.steps=6", "loss.mlm_weight=1")
+    straight = train(config(world, tmp_path / "a", *extra))
+    (tmp_path / "b").mkdir()
+    first = build_trainer(config(world, tmp_path / "b", *extra, "train.save_every=3"), CPU)
+    first.cfg.steps = 3
+    first.fit()
+    resumed = train(config(world, tmp_path / "b", *extra, "train.resume=latest"))
+    assert resumed.losses == straight.losses[3:]
+
+
 def test_accumulation_keeps_the_contrastive_batch_exact(world, tmp_path):
     # AdamW: Muon's bf16 orthogonalisation would magnify the fp32 rounding differences of the split
     whole = train(config(world, tmp_path / "one", "train.steps=4", "train.optimizer=adamw"))

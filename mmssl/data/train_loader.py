@@ -277,9 +277,11 @@ class TrainLoader:
         workers = {}
         if self.num_workers > 0:
             workers = dict(persistent_workers=True, prefetch_factor=self.prefetch_factor)
+        # its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+        # which the objective's random masks also use, and a resumed run would draw them one step off
         loader = DataLoader(
             dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, **workers,
+            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **workers,
         )
         for batch, worker, cursor in loader:
             self._cursors[worker] = cursor
