@@ -218,7 +218,7 @@ class SceneRenderer:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=JPEG_QUALITY)
         caption, negatives = binding_captions(objects, layout)
-        meta = {"objects": objects, "layout": layout, "captions": [caption, *negatives],
+        meta = {"objects": objects, "layout": layout, "captions": [caption], "negatives": negatives,
                 "negative_kinds": list(NEGATIVE_KINDS)}
         return Sample(buffer.getvalue(), caption, meta)
 

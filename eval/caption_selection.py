@@ -1,8 +1,10 @@
 """Image-caption selection: for every image, does the true caption outscore its hard negatives?
 
-Each sample lists its captions in its json (`captions`: the true one first, then the negatives)
-and, optionally, what each negative is (`negative_kinds`, aligned with captions[1:], e.g.
-colour_swap / shape_swap / position_swap in the synthetic world's `binding/` split). An image is
+Each sample's true caption is its first caption (json `captions`, else its .txt) and its json lists
+the hard negatives (`negatives`) and, optionally, what each one is (`negative_kinds`, aligned with
+`negatives`, e.g. colour_swap / shape_swap / position_swap in the synthetic world's `binding/`
+split). Negatives live apart from `captions` so that retrieval on the same shards sees only true
+captions. An image is
 correct when the true caption scores strictly above every negative (a tie is wrong); per kind,
 `acc_<kind>` is the fraction of (image, negative of that kind) pairs the true caption wins.
 
@@ -60,7 +62,7 @@ SCORERS: dict[str, Callable[[str, LoadedModel], ScorePairs]] = {"cosine": _cosin
 def run_caption_selection(loaded: LoadedModel, data: str, scorer: str = "cosine", checkpoint: Optional[str] = None,
                           batch_size: int = 256, workers: int = 2, allow_remote: bool = False,
                           split: Optional[str] = None, score_pairs: Optional[ScorePairs] = None) -> dict:
-    """Score one set whose samples carry a json `captions` list; returns {"result": CLIP_benchmark-
+    """Score one set whose samples carry a caption and a json `negatives` list; returns {"result": CLIP_benchmark-
     shaped dict, "scores": per image its [K] scores (numpy), "kinds", "keys", "seconds"}.
     `score_pairs` overrides the `scorer` registry entry (tests, callers with their own scorer)."""
     if score_pairs is None:
@@ -79,16 +81,18 @@ def _run(loaded, data, scorer, score_pairs, batch_size, workers, allow_remote, s
     with torch.inference_mode(), precision_context(loaded):
         for batch in batches:
             metas = batch.meta if batch.meta is not None else [{}] * len(batch.keys)
-            kinds = [_negative_kinds(data, key, captions, meta)
-                     for key, captions, meta in zip(batch.keys, batch.captions, metas)]
+            candidates = [_candidates(data, key, captions, meta)
+                          for key, captions, meta in zip(batch.keys, batch.captions, metas)]
+            kinds = [_negative_kinds(data, key, len(texts) - 1, meta)
+                     for key, texts, meta in zip(batch.keys, candidates, metas)]
             images = batch.images.to(loaded.device, non_blocking=True)
             scores = [None] * len(batch.keys)
             # samples with the same number of captions are scored together: tokens [B, K, L]
             by_count = defaultdict(list)
-            for position, captions in enumerate(batch.captions):
-                by_count[len(captions)].append(position)
+            for position, texts in enumerate(candidates):
+                by_count[len(texts)].append(position)
             for count, positions in by_count.items():
-                texts = [caption for position in positions for caption in batch.captions[position]]
+                texts = [caption for position in positions for caption in candidates[position]]
                 tokens = loaded.tokenizer(texts).to(loaded.device)
                 tokens = tokens.view(len(positions), count, -1)
                 chosen = images if len(positions) == len(images) else \
@@ -144,16 +148,22 @@ def selection_metrics(scores, kinds) -> dict:
     return metrics
 
 
-def _negative_kinds(data: str, key: str, captions: list, meta: dict) -> list:
-    """The kind of each negative of one sample: its json `negative_kinds`, else negative_1, 2, ..."""
-    if len(captions) < 2:
-        raise UserError(f"{data}: sample {key} has {len(captions)} caption(s); caption selection needs a json "
-                        "'captions' list of at least 2 (the true caption, then negatives), as in the "
-                        "binding/ split of `mmssl prep synthetic`")
+def _candidates(data: str, key: str, captions: list, meta: dict) -> list:
+    """[true caption, negatives...] of one sample."""
+    negatives = meta.get("negatives")
+    if not captions or not isinstance(negatives, list) or not negatives \
+            or not all(isinstance(text, str) for text in negatives):
+        raise UserError(f"{data}: sample {key} has no caption with a json 'negatives' list of strings; caption "
+                        "selection needs both, as in the binding/ split of `mmssl prep synthetic`")
+    return [captions[0], *negatives]
+
+
+def _negative_kinds(data: str, key: str, count: int, meta: dict) -> list:
+    """The kind of each of a sample's `count` negatives: its json `negative_kinds`, else negative_1, 2, ..."""
     kinds = meta.get("negative_kinds")
     if kinds is None:
-        return [f"negative_{i}" for i in range(1, len(captions))]
-    if not isinstance(kinds, list) or len(kinds) != len(captions) - 1 or not all(isinstance(k, str) for k in kinds):
-        raise UserError(f"{data}: sample {key}: json 'negative_kinds' must be a list of {len(captions) - 1} "
+        return [f"negative_{i}" for i in range(1, count + 1)]
+    if not isinstance(kinds, list) or len(kinds) != count or not all(isinstance(k, str) for k in kinds):
+        raise UserError(f"{data}: sample {key}: json 'negative_kinds' must be a list of {count} "
                         "strings, one per negative caption")
     return kinds

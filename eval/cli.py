@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     retrieval.add_argument("--data", required=True, help="captioned shards (json 'captions' list, else .txt), "
                                                          "or a CLIP_benchmark webdataset folder")
     _add_split_option(retrieval)
+    retrieval.add_argument("--rerank", choices=("itm",), help="reorder each query's cosine top --rerank-k by the "
+                                                            "checkpoint's image-text matching head")
+    retrieval.add_argument("--rerank-k", type=_rerank_k, default=16, help="candidates re-ranked per query "
+                                                                         "(default 16, at most 256)")
     retrieval.set_defaults(func=run_retrieval_command)
 
     probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
@@ -127,8 +131,13 @@ def run_retrieval_command(args) -> int:
 
     loaded = load_model(args.checkpoint, args.precision)
     require_text_tower(loaded.model, "mmssl eval retrieval")
+    head = None
+    if args.rerank:
+        from mmssl.heads.saved import load_head
+
+        head = load_head(args.checkpoint, args.rerank, loaded.model)
     outcome = run_retrieval(loaded, args.data, args.batch_size, args.workers,
-                            allow_remote=args.allow_remote, split=args.split)
+                            allow_remote=args.allow_remote, split=args.split, rerank_head=head, rerank_k=args.rerank_k)
     _emit(outcome["result"], args.output)
 
 
@@ -193,6 +202,15 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _rerank_k(text: str) -> int:
+    from eval.rerank import MAX_K
+
+    value = _positive_int(text)
+    if value > MAX_K:
+        raise argparse.ArgumentTypeError(f"at most {MAX_K}, got {value}")
     return value
 
 

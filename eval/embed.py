@@ -51,6 +51,7 @@ class Embedded:
     expected: Optional[int]              # samples the manifest announces (None: unknown)
     encode_seconds: float = 0.0          # time inside model.encode_image
     seconds: float = 0.0                 # wall time of the whole pass (loading included)
+    tokens: Optional[torch.Tensor] = None  # [N, T, width] image-tower tokens (`keep_tokens`), for re-ranking
 
 
 def load_model(checkpoint: str, precision: str = "auto") -> LoadedModel:
@@ -101,16 +102,31 @@ def open_eval_data(data: str, transform, batch_size: int = 256, workers: int = 2
                              allow_remote=allow_remote, split=split)
 
 
-def embed_images(loaded: LoadedModel, batches, description: str = "images") -> Embedded:
-    """Normalised image features of every sample `batches` yields, keeping labels and captions."""
-    features, labels, captions, keys = [], [], [], []
+MAX_TOKEN_BYTES = 4 << 30    # image tokens kept for re-ranking: refuse a set that would need more
+
+
+def embed_images(loaded: LoadedModel, batches, description: str = "images", keep_tokens: bool = False) -> Embedded:
+    """Normalised image features of every sample `batches` yields, keeping labels and captions;
+    with `keep_tokens` also the image tower's tokens from the same pass (`mmssl.models.tower_tokens`),
+    at most MAX_TOKEN_BYTES of them."""
+    from mmssl.models.tower_tokens import image_tokens
+
+    features, labels, captions, keys, tokens = [], [], [], [], []
     encode_seconds = 0.0
     start = time.perf_counter()
-    progress = _progress(getattr(batches, "num_samples", None), description, "img")
+    expected = getattr(batches, "num_samples", None)
+    progress = _progress(expected, description, "img")
     with torch.inference_mode(), precision_context(loaded):
         for batch in batches:
             tick = time.perf_counter()
-            encoded = loaded.model.encode_image(batch.images.to(loaded.device, non_blocking=True))
+            images = batch.images.to(loaded.device, non_blocking=True)
+            if keep_tokens:
+                encoded = image_tokens(loaded.model.visual, images)
+                tokens.append(encoded.tokens.cpu())
+                _check_token_bytes(tokens, expected or 0)
+                encoded = encoded.features
+            else:
+                encoded = loaded.model.encode_image(images)
             features.append(_normalise(encoded))
             encode_seconds += time.perf_counter() - tick
             labels.append(batch.labels)
@@ -130,7 +146,16 @@ def embed_images(loaded: LoadedModel, batches, description: str = "images") -> E
         expected=getattr(batches, "num_samples", None),
         encode_seconds=encode_seconds,
         seconds=time.perf_counter() - start,
+        tokens=torch.cat(tokens) if keep_tokens else None,
     )
+
+
+def _check_token_bytes(kept: list, expected: int) -> None:
+    per_image = kept[0][0].numel() * kept[0].element_size()
+    held = sum(len(part) for part in kept)
+    if max(held, expected) * per_image > MAX_TOKEN_BYTES:
+        raise UserError(f"re-ranking would keep {max(held, expected)} images' tokens ({per_image} bytes each), "
+                        f"over the {MAX_TOKEN_BYTES >> 30} GiB bound: evaluate a smaller set")
 
 
 def embed_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256,

@@ -77,7 +77,8 @@ def test_true_caption_and_each_negative_kind_against_the_objects(world):
     for _, txt, meta, _ in _samples(world / "binding"):
         first, second = meta["objects"]
         a, b = (first["colour"], first["shape"]), (second["colour"], second["shape"])
-        captions = meta["captions"]
+        assert len(meta["captions"]) == 1          # retrieval on binding/ sees only the true caption
+        captions = [*meta["captions"], *meta["negatives"]]
         assert meta["negative_kinds"] == KINDS and len(captions) == 4
         assert txt == captions[0]
         places = PLACES[meta["layout"]]

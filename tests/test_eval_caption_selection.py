@@ -56,6 +56,10 @@ def _binding_metas(world):
     return [meta for batch in loader for meta in batch.meta]
 
 
+def _candidates(meta):
+    return [*meta["captions"][:1], *meta["negatives"]]
+
+
 def test_metrics_from_known_scores_ties_are_wrong():
     scores = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 2, 3], [1, 0.5, 0.5, 2]]
     metrics = selection_metrics(scores, [KINDS] * 4)
@@ -69,7 +73,7 @@ def test_metrics_from_known_scores_ties_are_wrong():
 def test_eval_loader_keeps_each_samples_json(world):
     metas = _binding_metas(world)
     assert len(metas) == NUM_BINDING
-    assert all(meta["negative_kinds"] == KINDS and len(meta["captions"]) == 4 for meta in metas)
+    assert all(meta["negative_kinds"] == KINDS and len(_candidates(meta)) == 4 for meta in metas)
     loader = build_eval_loader(str(world / "val"), transform=to_tensor, batch_size=64, num_workers=0)
     val = [(meta, captions) for batch in loader for meta, captions in zip(batch.meta, batch.captions)]
     assert len(val) == 8
@@ -83,7 +87,7 @@ def test_hand_built_scorer_gives_exact_accuracies(world):
     expected_kind = {kind: 0 for kind in KINDS}
     expected_all = 0
     for meta in metas:
-        true, *negatives = [_table_score(c) for c in meta["captions"]]
+        true, *negatives = [_table_score(c) for c in _candidates(meta)]
         expected_all += all(true > n for n in negatives)
         for kind, negative in zip(meta["negative_kinds"], negatives):
             expected_kind[kind] += true > negative
@@ -97,34 +101,40 @@ def test_hand_built_scorer_gives_exact_accuracies(world):
     for kind in KINDS:
         assert metrics[f"acc_{kind}"] == expected_kind[kind] / NUM_BINDING
     assert 0 < expected_all < NUM_BINDING  # the table makes some images right and some wrong
-    assert [list(s) for s in outcome["scores"]] == [[_table_score(c) for c in m["captions"]] for m in metas]
+    assert [list(s) for s in outcome["scores"]] == [[_table_score(c) for c in _candidates(m)] for m in metas]
 
 
 def test_cli_refuses_data_without_captions_lists(world, checkpoint, tmp_path, capsys):
     args = ["eval", "caption-selection", "--checkpoint", str(checkpoint), "--workers", "0"]
     assert exit_code(args + ["--data", str(world / "val")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(world / "val") in err and "'captions' list" in err
+    assert err.count("\n") == 1 and str(world / "val") in err and "'negatives' list" in err
     bad = tmp_path / "bad_kinds"
     bad.mkdir()
     with wds.TarWriter(str(bad / "00000.tar")) as sink:
         sink.write({"__key__": "k0", "jpg": jpeg_bytes(0),
-                    "json": json.dumps({"captions": ["a red circle", "a blue circle"], "negative_kinds": ["x", "y"]})})
+                    "json": json.dumps({"captions": ["a red circle"], "negatives": ["a blue circle"],
+                                        "negative_kinds": ["x", "y"]})})
     assert exit_code(args + ["--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sample k0" in err and "'negative_kinds' must be a list of 1" in err
 
 
-def test_captions_lists_without_kinds_are_scored_by_position(tmp_path):
-    data = write_shards(tmp_path / "plain", [3, 2], captions_json=True)  # 3 captions each, no negative_kinds
+def test_negatives_without_kinds_are_scored_by_position(tmp_path):
+    data = tmp_path / "plain"
+    data.mkdir()
+    rows = {f"k{i}": (f"k{i} caption 0", [f"k{i} caption {c}" for c in range(1, 3 if i < 3 else 2)]) for i in range(5)}
+    with wds.TarWriter(str(data / "00000.tar")) as sink:
+        for key, (true, negatives) in rows.items():
+            sink.write({"__key__": key, "jpg": jpeg_bytes(0), "txt": true,
+                        "json": json.dumps({"negatives": negatives})})   # the true caption from .txt
     outcome = run_caption_selection(_fake_loaded(), str(data), "table", batch_size=4, workers=0,
                                     score_pairs=_table_scores)
     metrics = outcome["result"]["metrics"]
     assert set(metrics) == {"acc", "acc_negative_1", "acc_negative_2", "chance", "num_images"}
-    assert metrics["num_images"] == 5 and metrics["chance"] == pytest.approx(1 / 3)
-    assert outcome["kinds"] == [["negative_1", "negative_2"]] * 5
-    expected = selection_metrics([[_table_score(c) for c in captions] for captions in
-                                  ([f"{key} caption {c}" for c in range(3)] for key in outcome["keys"])],
+    assert metrics["num_images"] == 5 and metrics["chance"] == pytest.approx((3 / 3 + 2 / 2) / 5)
+    assert outcome["kinds"] == [["negative_1", "negative_2"]] * 3 + [["negative_1"]] * 2
+    expected = selection_metrics([[_table_score(c) for c in [rows[key][0], *rows[key][1]]] for key in outcome["keys"]],
                                  outcome["kinds"])
     assert metrics == expected
 
@@ -166,8 +176,8 @@ def test_cosine_scorer_end_to_end(world, checkpoint, tmp_path, capsys):
     first = next(iter(loader))
     with torch.inference_mode():
         image = torch.nn.functional.normalize(loaded.model.encode_image(first.images), dim=-1)
-        texts = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(metas[0]["captions"])), dim=-1)
+        texts = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(_candidates(metas[0]))), dim=-1)
         direct = (image @ texts.T)[0]
-        batched = cosine_scores(loaded, first.images, loaded.tokenizer(metas[0]["captions"])[None])[0]
+        batched = cosine_scores(loaded, first.images, loaded.tokenizer(_candidates(metas[0]))[None])[0]
     assert torch.allclose(direct, batched, atol=1e-5)
     assert torch.allclose(torch.tensor(outcome["scores"][0]), direct, atol=1e-5)
