@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     search.add_argument("--modality", choices=("image", "text"), default="image",
                         help="search the images (default) or the captions (an index built with --modality image,text)")
     search.add_argument("--output", type=Path, help="also write the hits as JSON here (with each hit's metadata row)")
+    search.add_argument("--rerank", choices=("itm",), help="reorder the top --rerank-k by the index model's "
+                                                         "image-text matching head (text over images, image over captions)")
+    search.add_argument("--rerank-k", type=int, default=16, help="candidates the re-ranker reorders (default 16)")
     search.set_defaults(func=run_search)
 
 
@@ -145,20 +148,35 @@ def run_search(args: argparse.Namespace) -> int:
     path = Path(args.image) if args.image is not None else None
     if path is not None and not path.is_file():
         raise UserError(f"image not found: {path}")
+    from eval.index.rerank import MAX_RERANK_K, SearchReranker, rerankable
+
+    kind = "text" if args.text is not None else "image"
+    if args.rerank:
+        require(1 <= args.rerank_k <= MAX_RERANK_K, f"--rerank-k must be in 1..{MAX_RERANK_K}, got {args.rerank_k}")
+        require(rerankable(kind, args.modality), f"--rerank needs a text query over images or an image query over "
+                                                 f"captions (--modality text), not a {kind} query over {args.modality}s")
     searcher = Searcher.open(args.index)
     searcher.folder.index_for(args.modality)          # a folder without captions: one line, exit 2
-    if args.text is not None:
-        hits = searcher.search_texts([args.text], args.k, args.modality)[0]
+    reranker = SearchReranker.for_searcher(searcher, args.rerank) if args.rerank else None
+    candidates = max(args.k, args.rerank_k) if reranker else args.k
+    if kind == "text":
+        query = args.text
+        hits = searcher.search_texts([query], candidates, args.modality)
     else:
         try:
-            image = searcher.require_encoder().prepare_image(path.read_bytes())
+            query = searcher.require_encoder().prepare_image(path.read_bytes())
         except ImageRefused as err:
             raise UserError(f"{path}: {err}") from None
-        hits = searcher.search_images([image], args.k, args.modality)[0]
+        hits = searcher.search_images([query], candidates, args.modality)
+    if reranker:
+        hits = reranker.rerank(kind, [query], hits, args.modality)
+    hits = hits[0][:args.k]
     width = max([len("key")] + [len(hit.key) for hit in hits])
-    print(f"{'rank':>4}  {'score':>7}  {'key':<{width}}  caption")
+    match = f"  {'match':>7}" if reranker else ""
+    print(f"{'rank':>4}  {'score':>7}{match}  {'key':<{width}}  caption")
     for hit in hits:
-        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.key:<{width}}  {hit.caption}")
+        value = "" if not reranker else "        -" if hit.match is None else f"  {hit.match:>7.3f}"
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}{value}  {hit.key:<{width}}  {hit.caption}")
     if args.output:
         _write_hits(args.output, args, hits, searcher.folder.metadata)
     return 0
@@ -175,6 +193,7 @@ def _write_hits(path: Path, args: argparse.Namespace, hits: list, metadata) -> N
         "query_type": "text" if args.text is not None else "image",
         "modality": args.modality,
         "k": args.k,
+        "rerank": {"scorer": args.rerank, "k": args.rerank_k} if args.rerank else None,
         "results": [{**metadata.row(hit.id), **asdict(hit)} for hit in hits],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

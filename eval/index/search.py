@@ -8,6 +8,7 @@ vectors themselves (reconstructed from the index, so approximate for compressed 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ class Hit:
     id: int
     key: str
     caption: str
+    match: float | None = None    # the ITM head's log-odds, when the hits were re-ranked (eval.index.rerank)
 
 
 class Searcher:
@@ -84,7 +86,7 @@ class Searcher:
         vectors = reconstruct(self.folder.index_for(modality), [hit.id for hit in hits])
         duplicate = near_duplicates(vectors, threshold)
         kept = [hit for hit, dup in zip(hits, duplicate) if not dup]
-        return [Hit(rank + 1, hit.score, hit.id, hit.key, hit.caption) for rank, hit in enumerate(kept)]
+        return [dataclasses.replace(hit, rank=rank + 1) for rank, hit in enumerate(kept)]
 
 
 

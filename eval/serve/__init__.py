@@ -68,6 +68,11 @@ def register(subparsers) -> None:
                              "open proxy; see docs/serve.md)")
     parser.add_argument("--image-url-timeout", type=float, default=defaults.image_url_timeout,
                         help=f"seconds to fetch one image URL (default {defaults.image_url_timeout:g})")
+    parser.add_argument("--rerank", choices=("itm",), help="reorder text queries' top candidates by the index "
+                                                         "model's image-text matching head (a request's rerank_k "
+                                                         "says how many; 0: none)")
+    parser.add_argument("--rerank-k", type=int, default=defaults.rerank_k,
+                        help=f"candidates re-ranked when a request does not say (default {defaults.rerank_k})")
     parser.set_defaults(func=run_serve)
 
 
@@ -81,12 +86,16 @@ def serve_options(args: argparse.Namespace):
     require(args.request_timeout > 0 and args.body_timeout > 0, "--request-timeout and --body-timeout must be > 0")
     require(args.max_text_chars >= 1, "--max-text-chars must be >= 1")
     require(args.image_url_timeout > 0, "--image-url-timeout must be > 0")
+    from eval.index.rerank import MAX_RERANK_K
+
+    require(1 <= args.rerank_k <= MAX_RERANK_K, f"--rerank-k must be in 1..{MAX_RERANK_K}")
     limits = ImageLimits(args.max_image_side, args.max_image_pixels, args.max_image_aspect)
     return ServeOptions(bind_host=args.host, allowed_hosts=tuple(args.allowed_host),
                         cors_origins=tuple(args.cors_origin), max_batch=args.max_batch, max_queue=args.max_queue,
                         request_timeout=args.request_timeout, body_timeout=args.body_timeout,
                         max_text_chars=args.max_text_chars, image_limits=limits,
-                        allow_image_urls=args.allow_image_urls, image_url_timeout=args.image_url_timeout)
+                        allow_image_urls=args.allow_image_urls, image_url_timeout=args.image_url_timeout,
+                        rerank=args.rerank, rerank_k=args.rerank_k)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -100,12 +100,16 @@ def create_app(searchers, options: ServeOptions | None = None):
             if served.searcher.encoder is None:
                 raise BadRequest(400, "this index was built from embeddings without a model: it cannot embed queries")
             deadline = service.deadline()
+            rerank_k = service.rerank_k(served, query.kind, query.rerank_k)
             kind, value = await service.prepare(served, query.kind, query.value, reservation, deadline)
-            hits = await service.answer(request, served, kind, value, query.k, deadline)
+            hits = await service.answer(request, served, kind, value, query.k, deadline, rerank_k=rerank_k)
         finally:
             reservation.release()
         results = [{"rank": hit.rank, "key": hit.key, "caption": hit.caption, "score": round(hit.score, 6),
                     "image_url": image_url(served, hit.id)} for hit in hits]
+        if rerank_k:
+            for result, hit in zip(results, hits):
+                result["match"] = None if hit.match is None else round(hit.match, 6)
         # a JSONResponse skips FastAPI's generic encoder: these are plain str/float/int already
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 

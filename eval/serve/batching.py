@@ -40,12 +40,14 @@ class Pending:
     future: Future
     modality: str = "image"     # the index searched: "image" or "text" (captions)
     deduplicate: bool = False   # drop near-duplicates of better-ranked hits (after the top k)
+    rerank_k: int = 0           # > 0: the top rerank_k reordered by the re-ranker before the top k is cut
 
 
 class QueryBatcher:
     def __init__(self, searcher, max_batch: int = 32, max_queue: int = 256, restart_delay: float = 0.5,
-                 stall_after: float | None = None):
+                 stall_after: float | None = None, reranker=None):
         self.searcher = searcher
+        self.reranker = reranker             # eval.index.rerank.SearchReranker, or None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.restart_delay = restart_delay
@@ -98,14 +100,15 @@ class QueryBatcher:
 
     # ------------------------------------------------------------ the request side
 
-    def submit(self, kind: str, value, k: int, modality: str = "image", deduplicate: bool = False) -> Future:
+    def submit(self, kind: str, value, k: int, modality: str = "image", deduplicate: bool = False,
+               rerank_k: int = 0) -> Future:
         """Future of the hit list for one query; QueueFull or WorkerUnavailable at once when the
         query cannot be taken."""
         if not self.alive:
             raise WorkerUnavailable("the query worker is restarting; retry shortly")
         future: Future = Future()
         try:
-            self._queue.put_nowait(Pending(kind, value, k, future, modality, deduplicate))
+            self._queue.put_nowait(Pending(kind, value, k, future, modality, deduplicate, rerank_k))
         except queue.Full:
             raise QueueFull(f"the query queue is full ({self.max_queue} waiting)") from None
         return future
@@ -167,15 +170,22 @@ class QueryBatcher:
             self.batches += 1
 
     def _answer(self, kind: str, modality: str, group: list[Pending]) -> None:
-        """One search for the group (same kind, same index), then each query's own top k."""
+        """One search for the group (same kind, same index), one re-ranking pass for the queries
+        that asked for it, then each query's own top k."""
         try:
-            k = max(item.k for item in group)
+            k = max(max(item.k, item.rerank_k) for item in group)
             values = [item.value for item in group]
             if kind == "vector":
                 hits = self.searcher.search_vectors(np.stack(values), k, modality)
             else:
                 search = self.searcher.search_texts if kind == "text" else self.searcher.search_images
                 hits = search(values, k, modality)
+            reranked = [i for i, item in enumerate(group) if item.rerank_k > 0]
+            if reranked:
+                better = self.reranker.rerank(kind, [values[i] for i in reranked],
+                                              [hits[i][:group[i].rerank_k] for i in reranked], modality)
+                for i, top in zip(reranked, better):
+                    hits[i] = top
         except Exception as err:  # a failure must reach the waiting requests, not end the worker
             for item in group:
                 _settle(item.future, error=err)

@@ -32,3 +32,5 @@ class ServeOptions:
     restart_delay: float = 0.5            # seconds before a dead query worker is restarted
     allow_image_urls: bool = False        # fetch clip-retrieval `image_url` queries (--allow-image-urls)
     image_url_timeout: float = 10.0       # seconds to fetch one image URL; beyond: 504
+    rerank: str | None = None             # "itm": text queries' top rerank_k reordered by the ITM head (--rerank)
+    rerank_k: int = 16                    # candidates re-ranked when a request does not say (--rerank-k)

@@ -34,6 +34,7 @@ class SearchQuery:
     value: object      # the text, or the image field as sent (base64)
     k: int
     index: str | None = None   # the served index's name (None: the first)
+    rerank_k: int | None = None  # candidates to re-rank (None: the service's default, 0: none)
 
 
 @dataclass
@@ -92,6 +93,8 @@ def parse_search_request(body: bytes, max_k: int, max_text_chars: int | None = N
     """A validated query. Cheap enough for the event loop; images are decoded separately."""
     from eval.index.query import MAX_TEXT_CHARS
 
+    from eval.index.rerank import MAX_RERANK_K
+
     max_text_chars = max_text_chars or MAX_TEXT_CHARS
     if len(body) > text_body_bytes(max_text_chars) and b'"image"' not in body:
         # a text query this large cannot hold an admissible text: refuse it without parsing
@@ -104,23 +107,28 @@ def parse_search_request(body: bytes, max_k: int, max_text_chars: int | None = N
         raise BadRequest(400, "body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, 'body must be a JSON object like {"text": "a red circle", "k": 10}')
-    unknown = sorted(set(payload) - {"text", "image", "k", "index"})
+    unknown = sorted(set(payload) - {"text", "image", "k", "index", "rerank_k"})
     if unknown:
-        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)[:200]} (expected text or image, k, index)")
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)[:200]} (expected text or image, k, index, "
+                              "rerank_k)")
     index = payload.get("index")
     if index is not None and not isinstance(index, str):
         raise BadRequest(400, "index must be the name of a served index")
     k = payload.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
         raise BadRequest(400, f"k must be an integer in 1..{max_k}")
+    rerank_k = payload.get("rerank_k")
+    if rerank_k is not None and (isinstance(rerank_k, bool) or not isinstance(rerank_k, int)
+                                 or not 0 <= rerank_k <= MAX_RERANK_K):
+        raise BadRequest(400, f"rerank_k must be an integer in 0..{MAX_RERANK_K} (0: no re-ranking)")
     text, image = payload.get("text"), payload.get("image")
     if (text is None) == (image is None):
         raise BadRequest(400, "give exactly one of 'text' or 'image'")
     if text is not None:
-        return SearchQuery("text", check_text(text, max_text_chars), k, index)
+        return SearchQuery("text", check_text(text, max_text_chars), k, index, rerank_k)
     if not isinstance(image, str) or not image:
         raise BadRequest(400, "image must be a non-empty base64 string")
-    return SearchQuery("image", image, k, index)
+    return SearchQuery("image", image, k, index, rerank_k)
 
 
 def text_body_bytes(max_text_chars: int) -> int:

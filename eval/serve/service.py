@@ -51,7 +51,8 @@ class Service:
         self.indexes = {
             name: ServedIndex(name, searcher, StoredImages.for_folder(searcher.folder),
                               QueryBatcher(searcher, max_batch=options.max_batch, max_queue=options.max_queue,
-                                           restart_delay=options.restart_delay, stall_after=options.request_timeout))
+                                           restart_delay=options.restart_delay, stall_after=options.request_timeout,
+                                           reranker=_reranker(searcher, options)))
             for name, searcher in searchers.items()}
         self.default = next(iter(self.indexes.values()))
         self.budget = BodyBudget(options.max_body_bytes_in_flight)
@@ -118,13 +119,27 @@ class Service:
         self.counts["timeouts"] += 1
         return BadRequest(504, f"no answer within {self.options.request_timeout:g} s (--request-timeout)")
 
+    def rerank_k(self, served: ServedIndex, kind: str, asked, modality: str = "image") -> int:
+        """Candidates to re-rank for one query: the request's `rerank_k` (0: none), else the service's
+        default where the query can be re-ranked; 400 when it asks for what the service cannot do."""
+        from eval.index.rerank import rerankable
+
+        if asked is None:
+            return self.options.rerank_k if served.batcher.reranker and rerankable(kind, modality) else 0
+        if asked and not served.batcher.reranker:
+            raise BadRequest(400, "this service does not re-rank: start it with --rerank itm")
+        if asked and not rerankable(kind, modality):
+            raise BadRequest(400, f"re-ranking needs a text query over images or an image query over captions, "
+                                  f"not a {kind} query over {modality}s")
+        return asked
+
     async def answer(self, request, served: ServedIndex, kind: str, value, k: int, deadline: float,
-                     modality: str = "image", deduplicate: bool = False) -> list:
+                     modality: str = "image", deduplicate: bool = False, rerank_k: int = 0) -> list:
         """The worker's hits, unless the deadline passes first (504) or the client goes away (its
         query is then dropped before the worker reaches it). Most answers come within
         WATCH_DISCONNECT_AFTER; only then is a task started to watch the connection, so that the
         common path costs no more than awaiting the answer."""
-        answer = asyncio.wrap_future(served.batcher.submit(kind, value, k, modality, deduplicate))
+        answer = asyncio.wrap_future(served.batcher.submit(kind, value, k, modality, deduplicate, rerank_k))
         watcher, client_gone = None, False
 
         async def watch() -> None:
@@ -185,6 +200,14 @@ def _index_health(served: ServedIndex, ok: bool) -> dict:
             "worker_restarts": batcher.restarts, "skipped_cancelled": batcher.skipped_cancelled,
             "text_cache_hit_rate": round(encoder.cache_hits / lookups, 4) if lookups else None,
             "text_cache_bytes": encoder.cache_bytes_used if encoder else None}
+
+
+def _reranker(searcher, options):
+    if not options.rerank:
+        return None
+    from eval.index.rerank import SearchReranker
+
+    return SearchReranker.for_searcher(searcher, options.rerank)
 
 
 def _admit_base64(encoder, image: str, limits):
