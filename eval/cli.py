@@ -1,4 +1,4 @@
-"""`mmssl eval zeroshot | retrieval | linear-probe | knn | caption-selection | suite`: CLIP_benchmark-style
+"""`mmssl eval zeroshot | retrieval | linear-probe | knn | caption-selection | captioning | suite`: CLIP_benchmark-style
 JSON on stdout (and --output); `suite` runs a datasets file for several models (eval/suite.py).
 
 Only argparse and pathlib at import time: torch, open_clip and FAISS load inside the handlers.
@@ -70,6 +70,16 @@ def register(subparsers) -> None:
                            help="cosine: dual-encoder image.text similarity; itm: the checkpoint's "
                                 "image-text matching head")
     selection.set_defaults(func=run_caption_selection_command)
+
+    captioning = tasks.add_parser("captioning", help="caption each image with the checkpoint's caption head; "
+                                                     "BLEU-4 and CIDEr against all its reference captions")
+    _add_model_options(captioning)
+    captioning.add_argument("--data", required=True, help="captioned shards (json 'captions' list, else .txt)")
+    _add_split_option(captioning)
+    from mmssl.captioning import add_decoding_options
+
+    add_decoding_options(captioning)
+    captioning.set_defaults(func=run_captioning_command, batch_size=64)
 
     suite = tasks.add_parser("suite", help="several models on the evaluations a datasets file lists, "
                                            "each model loaded once; one JSON per pair, one table")
@@ -166,6 +176,16 @@ def run_caption_selection_command(args) -> int:
     outcome = run_caption_selection(load_model(args.checkpoint, args.precision), args.data, args.scorer,
                                     checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
                                     allow_remote=args.allow_remote, split=args.split)
+    _emit(outcome["result"], args.output)
+
+
+def run_captioning_command(args) -> int:
+    from eval.captioning import run_captioning
+    from eval.embed import load_model
+
+    outcome = run_captioning(load_model(args.checkpoint, args.precision), args.data, checkpoint=args.checkpoint,
+                             beams=args.beams, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                             workers=args.workers, allow_remote=args.allow_remote, split=args.split)
     _emit(outcome["result"], args.output)
 
 

@@ -31,6 +31,7 @@ COMMANDS = (
     Command("train", "mmssl.train.cli", "train a dual encoder (contrastive + optional heads) on webdataset shards"),
     Command("eval", "eval.cli", "zero-shot classification, retrieval, linear probe"),
     Command("export", "mmssl.export", "write open_clip-loadable weights + model config JSON"),
+    Command("caption", "mmssl.captioning", "caption images with a checkpoint's caption head (CoCa)"),
     Command("index", "eval.index.cli", "build and query FAISS search indexes"),
     Command("serve", "eval.serve", "serve an index over HTTP (search API and web page)"),
     Command("quickstart", "mmssl.quickstart",

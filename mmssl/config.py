@@ -110,6 +110,7 @@ class LossConfig:
     distill_alpha: float = 0.0    # ALBEF momentum distillation: weight of the momentum model's soft targets
     moco_temperature: float = 0.2
     itm_weight: float = 0.0       # image-text matching on hard negatives (ALBEF), fusion head heads.itm
+    caption_weight: float = 0.0   # CoCa captioning: next-token cross-entropy of a decoder heads.caption
 
     def __post_init__(self):
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
@@ -192,11 +193,27 @@ class ItmHeadConfig:
 
 
 @dataclass
+class CaptionHeadConfig:
+    """CoCa's multimodal decoder (mmssl.heads.caption): causal layers over the text tower's states that
+    cross-attend to the image tokens, at the text tower's width."""
+
+    layers: int = 2
+    heads: int = 0                # attention heads; 0: the text tower's
+
+    def __post_init__(self):
+        check_values("heads.caption", self, [
+            ("layers", isinstance(self.layers, int) and self.layers >= 1, "must be an integer >= 1"),
+            ("heads", isinstance(self.heads, int) and self.heads >= 0, "must be an integer >= 0 (0: the text tower's)"),
+        ])
+
+
+@dataclass
 class HeadsConfig:
     mlm: MLMHeadConfig = field(default_factory=MLMHeadConfig)
     inpaint: InpaintHeadConfig = field(default_factory=InpaintHeadConfig)
     simclr: SimCLRHeadConfig = field(default_factory=SimCLRHeadConfig)
     itm: ItmHeadConfig = field(default_factory=ItmHeadConfig)
+    caption: CaptionHeadConfig = field(default_factory=CaptionHeadConfig)
 
 
 @dataclass

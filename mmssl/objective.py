@@ -47,6 +47,7 @@ from torch import nn
 from mmssl.config import IMAGE_ONLY_KINDS
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
+from mmssl.heads.caption import CaptionDraw, CaptionHead
 from mmssl.heads.itm import ITMHead, draw_itm
 from mmssl.heads.moco import MoCoHead
 from mmssl.heads.momentum import MomentumTowers, momentum_of
@@ -172,6 +173,16 @@ def _itm(objective, images, texts, outputs, draws):
                                            draws.masks["itm_loss"])
 
 
+def _draw_caption(objective, images, texts, step):
+    return CaptionDraw(texts)
+
+
+def _caption(objective, images, texts, outputs, draws):
+    with autocast(objective.precision, outputs["image_tokens"].device):
+        return objective.heads["caption"].loss(objective.model, outputs["image_tokens"], outputs["text_tokens"],
+                                               draws.masks["caption_loss"].tokens)
+
+
 TERMS = (
     Term("mlm_loss", "mlm_weight", "mlm", lambda model, cfg, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
     Term("inpaint_loss", "inpaint_weight", "inpaint",
@@ -182,6 +193,8 @@ TERMS = (
          _draw_moco, feature_keys=("moco_q", "moco_k"), features=_moco_features, kinds=("moco",)),
     Term("itm_loss", "itm_weight", "itm", lambda model, cfg, heads: ITMHead(model, heads.itm), _itm, _draw_itm,
          feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
+    Term("caption_loss", "caption_weight", "caption", lambda model, cfg, heads: CaptionHead(model, heads.caption),
+         _caption, _draw_caption, feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
 )
 
 
@@ -344,7 +357,8 @@ class Objective(nn.Module):
     def batch_feature_keys(self) -> tuple:
         """Per-row outputs that whole-batch terms read (what gradient accumulation caches)."""
         keys = () if self.image_only else ("image_features", "text_features")
-        return keys + tuple(key for term in self.terms for key in term.feature_keys)
+        keys += tuple(key for term in self.terms for key in term.feature_keys)
+        return tuple(dict.fromkeys(keys))   # once each: ITM and captioning share the pass's tokens
 
     def batch_terms(self, outputs: dict, draws: Optional[Draws] = None) -> dict:
         """Unweighted whole-batch terms (fp32): the contrastive term (not for image-only kinds) and
@@ -423,7 +437,7 @@ def _check_image_only(cfg) -> None:
         raise UserError(f"loss.simclr_weight adds SimCLR to an image-text loss; with loss.kind={kind} "
                         f"{'SimCLR is the whole loss' if kind == 'simclr' else 'MoCo is the loss'}: leave "
                         "loss.simclr_weight at 0")
-    for weight in ("mlm_weight", "itm_weight"):
+    for weight in ("mlm_weight", "itm_weight", "caption_weight"):
         if getattr(cfg.loss, weight) > 0:
             raise UserError(f"loss.{weight} needs captions; loss.kind={kind} trains the image tower alone")
     if cfg.loss.distill_alpha > 0 or cfg.loss.queue_size > 0 and kind != "moco":
