@@ -56,12 +56,14 @@ class ItmPairScorer:
 
         model, device = self.loaded.model, self.loaded.device
         unique, inverse = np.unique(caption_index, return_inverse=True)
+        images, image_rows = np.unique(image_index, return_inverse=True)   # each distinct image's side once
         with torch.inference_mode(), precision_context(self.loaded):
             tokens = self.loaded.tokenizer([self.texts[i] for i in unique]).to(device)
             states, valid = text_tokens(model, tokens).tokens, text_valid(model, tokens)
             rows = torch.from_numpy(inverse.reshape(-1)).to(device)
-            images = self.image_tokens[torch.from_numpy(image_index)].to(device)
-            scores = self.head.match_score(images, states[rows], valid[rows])
+            image_side = self.image_tokens[torch.from_numpy(images)].to(device)
+            scores = self.head.match_score(image_side, states[rows], valid[rows],
+                                           torch.from_numpy(image_rows.reshape(-1)).to(device))
         return scores.float().cpu().numpy()
 
 

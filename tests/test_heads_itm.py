@@ -191,3 +191,17 @@ def test_itm_with_a_hugging_face_text_tower(tmp_path):
 def test_image_only_refuses_itm(micro_json):
     with pytest.raises(UserError, match="loss.itm_weight needs captions"):
         build(micro_json, "loss.kind=simclr", "loss.itm_weight=1")
+
+
+def test_scoring_against_distinct_images_equals_scoring_repeated_pairs(micro_json):
+    model = mmssl.create_model(micro_json).eval()
+    torch.manual_seed(4)
+    head = ITMHead(model).eval()
+    images, texts = batch(9)
+    with torch.no_grad():
+        image, text = image_tokens(model.visual, images[:3]).tokens, text_tokens(model, texts).tokens
+        index = torch.tensor([0, 2, 2, 1, 0, 0, 1, 2, 1])
+        valid = texts != 0
+        repeated = head.match_score(image[index], text, valid)
+        shared = head.match_score(image, text, valid, index)
+    torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-5)

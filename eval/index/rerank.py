@@ -62,21 +62,28 @@ class SearchReranker:
         model, device = loaded.model, loaded.device
         pairs = [(q, hit) for q, query_hits in enumerate(hits) for hit in query_hits]
         with self.encoder._model_lock, torch.inference_mode(), precision_context(loaded):
-            if kind == "text":
-                stored = [(q, hit, self._image_tokens_of(hit.id)) for q, hit in pairs]
-                scored = [(q, hit) for q, hit, tokens in stored if tokens is not None]
+            if kind == "text":    # distinct stored images once each; every pair points at its image
+                tokens_of = {hit.id: self._image_tokens_of(hit.id) for _, hit in pairs}
+                images = [row for row, tokens in tokens_of.items() if tokens is not None]
+                scored = [(q, hit) for q, hit in pairs if tokens_of[hit.id] is not None]
                 captions = [queries[q] for q, _ in scored]
-                image_rows = [tokens for _, _, tokens in stored if tokens is not None]
+                image_of = {row: i for i, row in enumerate(images)}
+                image_index = [image_of[hit.id] for _, hit in scored]
+                image_side = torch.stack([tokens_of[row] for row in images]).to(device) if images else None
             else:
                 scored = pairs
                 captions = [hit.caption for _, hit in scored]
-                query_tokens = image_tokens(model.visual, torch.stack(queries).to(device)).tokens
-                image_rows = [query_tokens[q] for q, _ in scored]
+                image_side = image_tokens(model.visual, torch.stack(queries).to(device)).tokens
+                image_index = [q for q, _ in scored]
             matches = {}
             if scored:
-                tokens = loaded.tokenizer(captions).to(device)
+                unique = list(dict.fromkeys(captions))      # each distinct caption through the text tower once
+                tokens = loaded.tokenizer(unique).to(device)
                 states, valid = text_tokens(model, tokens).tokens, text_valid(model, tokens)
-                values = self.head.match_score(torch.stack(image_rows).to(device), states, valid).float().cpu()
+                position = {caption: i for i, caption in enumerate(unique)}
+                rows = torch.tensor([position[caption] for caption in captions], device=device)
+                values = self.head.match_score(image_side, states[rows], valid[rows],
+                                               torch.tensor(image_index, device=device)).float().cpu()
                 matches = {(q, hit.rank): float(value) for (q, hit), value in zip(scored, values)}
         return [_reorder(query_hits, [matches.get((q, hit.rank)) for hit in query_hits])
                 for q, query_hits in enumerate(hits)]

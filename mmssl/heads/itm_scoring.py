@@ -18,8 +18,8 @@ def itm_pair_scores(model, head, images: torch.Tensor, tokens: torch.Tensor) -> 
     image = image_tokens(model.visual, images).tokens
     flat = tokens.reshape(rows * captions, length)
     text = text_tokens(model, flat).tokens
-    image = image.repeat_interleave(captions, dim=0)
-    return head.match_score(image, text, text_valid(model, flat)).reshape(rows, captions)
+    image_index = torch.arange(rows, device=images.device).repeat_interleave(captions)
+    return head.match_score(image, text, text_valid(model, flat), image_index).reshape(rows, captions)
 
 
 def build_itm_scorer(checkpoint: str, loaded):
