@@ -11,7 +11,8 @@ correct when the true caption scores strictly above every negative (a tie is wro
 A scorer is one function, `score_pairs(loaded, images [B, 3, H, W], tokens [B, K, L]) -> [B, K]`
 scores (higher: a better match); `SCORERS` maps a name to a builder `(checkpoint, loaded) ->
 score_pairs`. "cosine" is the dual encoder's normalised image . text similarity; "itm" is an
-image-text matching head's score, built by `mmssl.heads.itm_scoring.build_itm_scorer`.
+image-text matching head's score, built by `mmssl.heads.itm_scoring.build_itm_scorer`; "caption"
+the caption decoder's log-likelihood of the caption (CoCa's way of scoring).
 """
 from __future__ import annotations
 
@@ -46,17 +47,29 @@ def _cosine(checkpoint: str, loaded: LoadedModel) -> ScorePairs:
 
 
 def _itm(checkpoint: str, loaded: LoadedModel) -> ScorePairs:
-    try:
-        from mmssl.heads.itm_scoring import build_itm_scorer
-    except ModuleNotFoundError as err:
-        if err.name not in ("mmssl.heads.itm_scoring", "mmssl.heads"):
-            raise
-        raise UserError(f"the checkpoint has no ITM head to score with ({checkpoint}): this mmssl has no ITM "
-                        "scoring; use --scorer cosine") from None
+    from mmssl.heads.itm_scoring import build_itm_scorer
+
     return build_itm_scorer(checkpoint, loaded)
 
 
-SCORERS: dict[str, Callable[[str, LoadedModel], ScorePairs]] = {"cosine": _cosine, "itm": _itm}
+def _caption(checkpoint: str, loaded: LoadedModel) -> ScorePairs:
+    """CoCa's scoring: the caption decoder's log-likelihood of each caption given the image."""
+    from mmssl.heads.saved import load_head
+    from mmssl.models.tower_tokens import image_tokens
+
+    head = load_head(checkpoint, "caption", loaded.model)
+
+    def score(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        rows, captions, length = tokens.shape
+        image = image_tokens(loaded.model.visual, images).tokens
+        index = torch.arange(rows, device=images.device).repeat_interleave(captions)
+        return head.log_likelihood(loaded.model, image, tokens.reshape(rows * captions, length),
+                                   index).reshape(rows, captions)
+
+    return score
+
+
+SCORERS: dict[str, Callable[[str, LoadedModel], ScorePairs]] = {"cosine": _cosine, "itm": _itm, "caption": _caption}
 
 
 def run_caption_selection(loaded: LoadedModel, data: str, scorer: str = "cosine", checkpoint: Optional[str] = None,

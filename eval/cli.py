@@ -66,9 +66,9 @@ def register(subparsers) -> None:
                                                          "then negatives) and optionally 'negative_kinds', e.g. "
                                                          "the binding/ split of `mmssl prep synthetic`")
     _add_split_option(selection)
-    selection.add_argument("--scorer", choices=("cosine", "itm"), default="cosine",
+    selection.add_argument("--scorer", choices=("cosine", "itm", "caption"), default="cosine",
                            help="cosine: dual-encoder image.text similarity; itm: the checkpoint's "
-                                "image-text matching head")
+                                "image-text matching head; caption: its caption decoder's log-likelihood")
     selection.set_defaults(func=run_caption_selection_command)
 
     captioning = tasks.add_parser("captioning", help="caption each image with the checkpoint's caption head; "

@@ -68,6 +68,23 @@ def test_caption_loss_against_a_hand_computed_cross_entropy(micro_json):
     assert weight.grad is not None and head.bias.grad is not None
 
 
+def test_caption_log_likelihood_is_minus_the_summed_cross_entropy(micro_json):
+    """CoCa's caption score: each caption's summed log-probability; batched over distinct images."""
+    model = mmssl.create_model(micro_json).eval()
+    torch.manual_seed(5)
+    head = CaptionHead(model).eval()
+    images, texts = batch(6)
+    with torch.no_grad():
+        image = image_tokens(model.visual, images[:2]).tokens
+        index = torch.tensor([0, 1, 1, 0, 1, 0])
+        scores = head.log_likelihood(model, image, texts, index)
+        for row in range(6):
+            one = texts[row:row + 1]
+            targets = int((one != 0).sum()) - 1
+            loss = head.loss(model, image[index[row]:index[row] + 1], text_tokens(model, one).tokens, one)
+            assert scores[row].item() == pytest.approx(-loss.item() * targets, rel=1e-4)
+
+
 def test_weight_zero_builds_nothing_and_the_term_joins_the_total(micro_json):
     off, _ = build(micro_json)
     assert "caption" not in off.heads and not off.needs_tokens

@@ -130,3 +130,14 @@ def test_eval_captioning_end_to_end(world, caption_run, tmp_path, capsys):
     assert main(["caption", "--checkpoint", str(output), "--data", val, "--workers", "0", "--max-tokens", "6"]) == 0
     written = {row["key"]: row["caption"] for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert written == outcome["captions"]
+
+
+def test_caption_selection_scores_by_caption_likelihood(world, caption_run, capsys):
+    output, _ = caption_run
+    binding = str(world / "syn" / "binding")
+    assert main(["eval", "caption-selection", "--checkpoint", str(output), "--data", binding, "--workers", "0",
+                 "--scorer", "caption", "--precision", "fp32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = result["metrics"]
+    assert result["scorer"] == "caption" and metrics["num_images"] == 12 and metrics["chance"] == 0.25
+    assert 0 <= metrics["acc"] <= min(metrics[f"acc_{kind}"] for kind in ("colour_swap", "shape_swap", "position_swap"))

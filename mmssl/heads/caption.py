@@ -76,9 +76,20 @@ class CaptionHead(nn.Module):
                              causal=True)
         self.bias = nn.Parameter(torch.zeros(token_embedding(model).num_embeddings))
 
-    def decode(self, image_tokens: torch.Tensor, text_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """[B, L, width] multimodal decoder states."""
-        return self.fusion(text_states, valid, image_tokens)
+    def decode(self, image_tokens: torch.Tensor, text_states: torch.Tensor, valid: torch.Tensor,
+               image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, width] multimodal decoder states (caption row i reads image `image_index[i]`, or i)."""
+        return self.fusion(text_states, valid, image_tokens, image_index)
+
+    def log_likelihood(self, model: nn.Module, image_tokens: torch.Tensor, tokens: torch.Tensor,
+                       image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[N] sum over each caption's real target tokens of log p(token | earlier tokens, image):
+        how CoCa scores a caption for an image."""
+        valid = tokens != text_pad_id(model)
+        states = text_tokens(model, tokens).tokens
+        log_probs = torch.log_softmax(self.logits(model, image_tokens, states, valid, image_index).float(), dim=-1)
+        picked = log_probs[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        return (picked * valid[:, 1:]).sum(dim=1)
 
     def project(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of decoder states [..., width] (tied to the token embedding)."""
@@ -86,8 +97,8 @@ class CaptionHead(nn.Module):
         return states @ weight.to(states.dtype).t() + self.bias.to(states.dtype)
 
     def logits(self, model: nn.Module, image_tokens: torch.Tensor, text_states: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
-        return self.project(model, self.decode(image_tokens, text_states, valid))
+               valid: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.project(model, self.decode(image_tokens, text_states, valid, image_index))
 
     def loss(self, model: nn.Module, image_tokens: torch.Tensor, text_states: torch.Tensor,
              tokens: torch.Tensor) -> torch.Tensor:
@@ -243,7 +254,7 @@ def caption_step(model: nn.Module, head: CaptionHead, images: torch.Tensor) -> S
         valid = prefix != pad
         valid[:, 0] = True
         states = text_tokens(model, prefix).tokens
-        decoded = head.decode(image[rows], states, valid)[:, -1]
+        decoded = head.decode(image, states, valid, rows)[:, -1]
         logits = head.project(model, decoded).float()
         logits[:, banned] = float("-inf")
         return torch.log_softmax(logits, dim=-1)
