@@ -7,8 +7,9 @@ metadata). Candidates are scored in one batch for all the queries handed over to
 service's batches), hits are reordered by their match log-odds (`Hit.match`), ties and
 candidates without a readable image keep their FAISS order, below the scored ones.
 
-The image tokens of stored images are cached (least recently used, bounded in bytes), since the
-same images come back for many queries.
+The image side of stored images (the head's cross-attention keys and values, computed once per
+image) is cached, least recently used and bounded in bytes, since the same images come back for
+many queries: a query then costs its caption's pass and the caption side of the head.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from mmssl.errors import UserError
 
-TOKEN_CACHE_BYTES = 64 << 20
+MEMORY_CACHE_BYTES = 256 << 20
 MAX_RERANK_K = 64
 
 
@@ -32,11 +33,11 @@ def rerankable(kind: str, modality: str) -> bool:
 
 
 class SearchReranker:
-    def __init__(self, searcher, head, images, cache_bytes: int = TOKEN_CACHE_BYTES):
+    def __init__(self, searcher, head, images, cache_bytes: int = MEMORY_CACHE_BYTES):
         self.searcher, self.head, self.images = searcher, head, images
         self.encoder = searcher.require_encoder()
         self.cache_bytes, self.cache_bytes_used = cache_bytes, 0
-        self._tokens: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._memory: OrderedDict[int, list] = OrderedDict()
 
     @classmethod
     def for_searcher(cls, searcher, scorer: str = "itm") -> "SearchReranker":
@@ -63,17 +64,19 @@ class SearchReranker:
         pairs = [(q, hit) for q, query_hits in enumerate(hits) for hit in query_hits]
         with self.encoder._model_lock, torch.inference_mode(), precision_context(loaded):
             if kind == "text":    # distinct stored images once each; every pair points at its image
-                tokens_of = {hit.id: self._image_tokens_of(hit.id) for _, hit in pairs}
-                images = [row for row, tokens in tokens_of.items() if tokens is not None]
-                scored = [(q, hit) for q, hit in pairs if tokens_of[hit.id] is not None]
+                memory_of = {hit.id: self._image_memory_of(hit.id) for _, hit in pairs}
+                images = [row for row, memory in memory_of.items() if memory is not None]
+                scored = [(q, hit) for q, hit in pairs if memory_of[hit.id] is not None]
                 captions = [queries[q] for q, _ in scored]
                 image_of = {row: i for i, row in enumerate(images)}
                 image_index = [image_of[hit.id] for _, hit in scored]
-                image_side = torch.stack([tokens_of[row] for row in images]).to(device) if images else None
+                memory = [tuple(torch.stack([memory_of[row][block][part] for row in images]).to(device)
+                                for part in (0, 1)) for block in range(len(self.head.fusion.blocks))] if images else None
             else:
                 scored = pairs
                 captions = [hit.caption for _, hit in scored]
-                image_side = image_tokens(model.visual, torch.stack(queries).to(device)).tokens
+                query_tokens = image_tokens(model.visual, torch.stack(queries).to(device)).tokens
+                memory = self.head.fusion.image_memory(query_tokens)
                 image_index = [q for q, _ in scored]
             matches = {}
             if scored:
@@ -82,17 +85,18 @@ class SearchReranker:
                 states, valid = text_tokens(model, tokens).tokens, text_valid(model, tokens)
                 position = {caption: i for i, caption in enumerate(unique)}
                 rows = torch.tensor([position[caption] for caption in captions], device=device)
-                values = self.head.match_score(image_side, states[rows], valid[rows],
-                                               torch.tensor(image_index, device=device)).float().cpu()
+                values = self.head.match_score(None, states[rows], valid[rows],
+                                               torch.tensor(image_index, device=device), memory).float().cpu()
                 matches = {(q, hit.rank): float(value) for (q, hit), value in zip(scored, values)}
         return [_reorder(query_hits, [matches.get((q, hit.rank)) for hit in query_hits])
                 for q, query_hits in enumerate(hits)]
 
-    def _image_tokens_of(self, row: int):
-        """The cached or freshly computed tokens of stored image `row`; None when it has no readable image."""
-        if row in self._tokens:
-            self._tokens.move_to_end(row)
-            return self._tokens[row]
+    def _image_memory_of(self, row: int):
+        """The ITM head's image side (per block: keys, values) of stored image `row`, cached;
+        None when it has no readable image."""
+        if row in self._memory:
+            self._memory.move_to_end(row)
+            return self._memory[row]
         from mmssl.data.image_guard import ImageRefused
         from mmssl.models.tower_tokens import image_tokens
 
@@ -104,19 +108,24 @@ class SearchReranker:
         except ImageRefused:
             return None
         loaded = self.encoder.loaded
-        tokens = image_tokens(loaded.model.visual, tensor[None].to(loaded.device)).tokens[0].cpu()
-        self._remember(row, tokens)
-        return tokens
+        tokens = image_tokens(loaded.model.visual, tensor[None].to(loaded.device)).tokens
+        memory = [(key[0].cpu(), value[0].cpu()) for key, value in self.head.fusion.image_memory(tokens)]
+        self._remember(row, memory)
+        return memory
 
-    def _remember(self, row: int, tokens: torch.Tensor) -> None:
-        cost = tokens.numel() * tokens.element_size()
+    def _remember(self, row: int, memory: list) -> None:
+        cost = _bytes(memory)
         if cost > self.cache_bytes:
             return
-        self._tokens[row] = tokens
+        self._memory[row] = memory
         self.cache_bytes_used += cost
         while self.cache_bytes_used > self.cache_bytes:
-            _, old = self._tokens.popitem(last=False)
-            self.cache_bytes_used -= old.numel() * old.element_size()
+            _, old = self._memory.popitem(last=False)
+            self.cache_bytes_used -= _bytes(old)
+
+
+def _bytes(memory: list) -> int:
+    return sum(part.numel() * part.element_size() for pair in memory for part in pair)
 
 
 def _reorder(hits: list, matches: list) -> list:

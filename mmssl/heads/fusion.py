@@ -9,7 +9,7 @@ Scoring many captions against few images (re-ranking, caption selection, beam se
 images: `forward(..., image_index=...)` takes each distinct image once and says which image each
 caption row reads, so the image side (its projection and every block's cross-attention keys and
 values, the bulk of the work at 65 image tokens against ~16 caption tokens) is computed once per
-image, not once per pair.
+image, not once per pair; `image_memory` returns that side for a caller to keep across calls.
 """
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ class FusionBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor, image_index: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, memory: tuple, image_index: Optional[torch.Tensor],
                 padding: Optional[torch.Tensor], causal: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.ln_self(x)
         x = x + self.self_attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
-        key, value = self.cross_attn.memory(image)
+        key, value = memory
         if image_index is not None:
             key, value = key[image_index], value[image_index]
         x = x + self.cross_attn(self.ln_cross(x), key, value)
@@ -76,15 +76,21 @@ class Fusion(nn.Module):
         self.blocks = nn.ModuleList(FusionBlock(width, heads) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width)
 
-    def forward(self, text: torch.Tensor, valid: torch.Tensor, image: torch.Tensor,
-                image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        image = self.image_proj(image.to(text.dtype))
+    def image_memory(self, image: torch.Tensor) -> list:
+        """Every block's cross-attention keys and values of images [U, T, image_width]: all the
+        image side, so a caller scoring the same images again may keep it (`memory=`)."""
+        image = self.image_proj(image)
+        return [block.cross_attn.memory(image) for block in self.blocks]
+
+    def forward(self, text: torch.Tensor, valid: torch.Tensor, image: Optional[torch.Tensor],
+                image_index: Optional[torch.Tensor] = None, memory: Optional[list] = None) -> torch.Tensor:
+        memory = memory if memory is not None else self.image_memory(image.to(text.dtype))
         length = text.shape[1]
         causal = None
         if self.causal:
             causal = torch.ones(length, length, dtype=torch.bool, device=text.device).triu(1)
         padding = ~valid    # position 0 (start / class token) is always real, so no row is all padding
         x = text
-        for block in self.blocks:
-            x = block(x, image, image_index, padding, causal)
+        for block, block_memory in zip(self.blocks, memory):
+            x = block(x, block_memory, image_index, padding, causal)
         return self.ln_final(x)

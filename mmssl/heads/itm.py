@@ -75,18 +75,19 @@ class ITMHead(nn.Module):
         self.fusion = Fusion(width, image_token_width(model.visual), cfg.layers, cfg.heads or _text_heads(model))
         self.classifier = nn.Linear(width, 2)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, valid: torch.Tensor,
-                image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image_tokens: torch.Tensor | None, text_tokens: torch.Tensor, valid: torch.Tensor,
+                image_index: torch.Tensor | None = None, memory: list | None = None) -> torch.Tensor:
         """Logits [N, 2] of N captions against `image_tokens` [U, T, width]: caption i against image
-        `image_index[i]` (each distinct image's side computed once), or image i without it."""
+        `image_index[i]` (each distinct image's side computed once), or image i without it;
+        `memory` (`fusion.image_memory` of those images) replaces `image_tokens`."""
         used = int(valid.any(dim=0).nonzero().max()) + 1 if valid.any() else 1   # drop all-padding columns
-        fused = self.fusion(text_tokens[:, :used], valid[:, :used], image_tokens, image_index)
+        fused = self.fusion(text_tokens[:, :used], valid[:, :used], image_tokens, image_index, memory)
         return self.classifier(fused[:, 0])
 
-    def match_score(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, valid: torch.Tensor,
-                    image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def match_score(self, image_tokens: torch.Tensor | None, text_tokens: torch.Tensor, valid: torch.Tensor,
+                    image_index: torch.Tensor | None = None, memory: list | None = None) -> torch.Tensor:
         """[N] log-odds that each caption matches its image (logit 1 - logit 0)."""
-        logits = self(image_tokens, text_tokens, valid, image_index).float()
+        logits = self(image_tokens, text_tokens, valid, image_index, memory).float()
         return logits[:, 1] - logits[:, 0]
 
     def loss(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, logits_per_image: torch.Tensor,
