@@ -61,7 +61,7 @@ def _caption(checkpoint: str, loaded: LoadedModel) -> ScorePairs:
 
     def score(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         rows, captions, length = tokens.shape
-        image = image_tokens(loaded.model.visual, images).tokens
+        image = image_tokens(loaded.model, images).tokens
         index = torch.arange(rows, device=images.device).repeat_interleave(captions)
         return head.log_likelihood(loaded.model, image, tokens.reshape(rows * captions, length),
                                    index).reshape(rows, captions)

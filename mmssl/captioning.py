@@ -5,7 +5,9 @@
 
 One JSON line per image, {"image": FILE, "caption": ...} or, for shards, {"key": KEY, "caption": ...},
 on stdout or into --output. The decoder is the checkpoint's caption head (`mmssl.heads.caption`):
-greedy with --beams 1, beam search otherwise. Files given with --image are untrusted: they are
+greedy with --beams 1, beam search otherwise; for an open_clip CoCa model its own text decoder
+(`mmssl.heads.coca`: greedy is exactly open_clip's `generate(generation_type="top_k", top_k=1,
+seq_len=max_tokens + 1, min_seq_len=1)` with SOT dropped and cut at EOT / padding). Files given with --image are untrusted: they are
 admitted by `mmssl.data.image_guard` (format, sides and pixel count checked from the header, so a
 decompression bomb is refused before decoding).
 """

@@ -1,7 +1,8 @@
 """`mmssl export`: turn an mmssl checkpoint into weights + model config that open_clip loads directly.
 
 Writes into DIR:
-- `<name>.json`: the open_clip model config (embed_dim, vision_cfg, text_cfg);
+- `<name>.json`: the open_clip model config (embed_dim, vision_cfg, text_cfg; for a CoCa model also
+  multimodal_cfg, and the weights include its text_decoder: open_clip builds the same CoCa);
 - `open_clip_model.safetensors`: the dual encoder's state dict under open_clip's key names;
 - `open_clip_config.json`: the same config plus preprocessing in the layout open_clip's
   `local-dir:` / Hugging Face Hub loading reads (with the HF tokenizer files when there is an HF tower).

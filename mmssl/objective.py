@@ -48,6 +48,7 @@ from mmssl.config import IMAGE_ONLY_KINDS
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
 from mmssl.heads.caption import CaptionDraw, CaptionHead
+from mmssl.heads.coca import CoCaDecoderHead
 from mmssl.heads.itm import ITMHead, draw_itm
 from mmssl.heads.moco import MoCoHead
 from mmssl.heads.momentum import MomentumTowers, momentum_of
@@ -55,7 +56,7 @@ from mmssl.heads.simclr import SimCLRHead
 from mmssl.heads.vit_tokens import encode_visible
 from mmssl.losses import ClipLoss, SigLipLoss, SimCLRLoss, queue_contrastive_loss, moco_loss
 from mmssl.models.text_trim import encode_text
-from mmssl.models.tower_tokens import image_tokens, text_tokens, text_valid
+from mmssl.models.tower_tokens import image_tokens, is_coca, text_tokens, text_valid
 from mmssl.train.policy import autocast
 
 
@@ -193,9 +194,14 @@ TERMS = (
          _draw_moco, feature_keys=("moco_q", "moco_k"), features=_moco_features, kinds=("moco",)),
     Term("itm_loss", "itm_weight", "itm", lambda model, cfg, heads: ITMHead(model, heads.itm), _itm, _draw_itm,
          feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
-    Term("caption_loss", "caption_weight", "caption", lambda model, cfg, heads: CaptionHead(model, heads.caption),
+    Term("caption_loss", "caption_weight", "caption", lambda model, cfg, heads: _caption_head(model, heads),
          _caption, _draw_caption, feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
 )
+
+
+def _caption_head(model, heads) -> nn.Module:
+    """A CoCa model's own text decoder (a head without parameters), else mmssl's caption decoder."""
+    return CoCaDecoderHead(model) if is_coca(model) else CaptionHead(model, heads.caption)
 
 
 def term_weight(loss_cfg, term: Term) -> float:
@@ -234,6 +240,8 @@ class Objective(nn.Module):
                    if asked and what not in BUILT]
         if unbuilt:
             raise UserError(f"{unbuilt[0]} is not available yet (issue 12 is in progress)")
+        if is_coca(model):
+            _check_coca(cfg)
         self.model = model
         self.precision = precision
         self.image_only = cfg.loss.kind in IMAGE_ONLY_KINDS   # the image tower alone: no captions, no text tower
@@ -334,7 +342,7 @@ class Objective(nn.Module):
                 if self.needs_tokens:
                     outputs["image_tokens"] = visible.tokens
             elif self.needs_tokens:
-                image = image_tokens(self.model.visual, images)
+                image = image_tokens(self.model, images)     # the model: a CoCa model's own _encode_image
                 outputs.update(image_features=F.normalize(image.features, dim=-1), image_tokens=image.tokens)
             else:
                 outputs["image_features"] = self.model.encode_image(images, normalize=True)
@@ -428,6 +436,20 @@ def _resolve_heads(cfg):
         return cfg.heads
     chosen = "projected" if cfg.loss.kind in IMAGE_ONLY_KINDS else "pooled"
     return dataclasses.replace(cfg.heads, simclr=dataclasses.replace(simclr, input=chosen))
+
+
+def _check_coca(cfg) -> None:
+    """A CoCa model trains contrastive (clip / siglip) plus, with loss.caption_weight > 0, its own decoder."""
+    if cfg.loss.kind not in ("clip", "siglip"):
+        raise UserError(f"loss.kind={cfg.loss.kind} is not supported for a CoCa model: use clip or siglip "
+                        "(plus loss.caption_weight for its decoder)")
+    for option, value in (("loss.mlm_weight", cfg.loss.mlm_weight), ("loss.itm_weight", cfg.loss.itm_weight),
+                          ("loss.inpaint_weight", cfg.loss.inpaint_weight),
+                          ("loss.simclr_weight", cfg.loss.simclr_weight), ("loss.queue_size", cfg.loss.queue_size),
+                          ("loss.distill_alpha", cfg.loss.distill_alpha)):
+        if value > 0:
+            raise UserError(f"{option} is not supported for a CoCa model (its towers feed its own decoder): "
+                            f"use a CLIP model, or train the CoCa with loss.caption_weight alone")
 
 
 def _check_image_only(cfg) -> None:

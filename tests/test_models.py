@@ -63,10 +63,11 @@ def test_forward_returns_open_clip_dict_and_tokenizer_uses_config_context(tiny):
 
 def test_bundled_configs_are_open_clip_model_configs():
     names = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
-    assert names == ["small-vit-128", "small-vit-224", "tiny-rn-64", "tiny-vit-64"]
+    assert names == ["small-vit-128", "small-vit-224", "tiny-coca-64", "tiny-rn-64", "tiny-vit-64"]
     for path in MODEL_CONFIG_DIR.glob("*.json"):
         cfg = json.loads(path.read_text())
-        assert set(cfg) == {"embed_dim", "vision_cfg", "text_cfg"}
+        coca = {"multimodal_cfg", "custom_text"} if path.stem == "tiny-coca-64" else set()   # open_clip's CoCa
+        assert set(cfg) == {"embed_dim", "vision_cfg", "text_cfg"} | coca
         vision = cfg["vision_cfg"]
         if isinstance(vision["layers"], list):  # open_clip ModifiedResNet: 32x downsampling
             assert vision["image_size"] % 32 == 0
@@ -93,7 +94,7 @@ def test_open_clip_builtin_name_is_random_init_at_open_clip_size():
 
 
 def test_unknown_model_and_bad_override_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match=r"^unknown model: ViT-Q-99 \(known include: small-vit-128, small-vit-224, tiny-rn-64, tiny-vit-64, "):
+    with pytest.raises(UserError, match=r"^unknown model: ViT-Q-99 \(known include: small-vit-128, small-vit-224, tiny-coca-64, tiny-rn-64, tiny-vit-64, "):
         mmssl.create_model("ViT-Q-99")
     with pytest.raises(UserError, match="unknown config key: model.lock_everything"):
         mmssl.create_model("tiny-vit-64", lock_everything=True)

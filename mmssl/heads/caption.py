@@ -17,6 +17,9 @@ stays exact). A Hugging Face text tower is bidirectional and is refused.
 Generation (`generate`): from SOT, one token at a time (the prefix is recomputed each step:
 captions are short), greedily or by beam search, until EOT or `max_tokens`; batched over images
 and beams.
+
+An open_clip CoCa model (`coca_ViT-B-32`, `tiny-coca-64`, ...) trains and decodes with its own
+`text_decoder` instead: `mmssl.heads.coca.CoCaDecoderHead`, which `search` / `generate` dispatch to.
 """
 from __future__ import annotations
 
@@ -246,7 +249,7 @@ def beam_search(step: StepFn, batch: int, sot: int, eot: int, max_tokens: int, b
 
 def caption_step(model: nn.Module, head: CaptionHead, images: torch.Tensor) -> StepFn:
     """The next-id log-probabilities given prefixes of `images` (their tokens computed once here)."""
-    image = image_tokens(model.visual, images).tokens
+    image = image_tokens(model, images).tokens
     pad = text_pad_id(model)
     banned = sorted({pad, special_ids(model)[0]})    # never emit padding or a second SOT
 
@@ -273,6 +276,8 @@ def generate(model: nn.Module, head: CaptionHead, images: torch.Tensor, max_toke
 def search(model: nn.Module, head: CaptionHead, images: torch.Tensor, max_tokens: int = 20,
            beams: int = 1) -> list:
     """`generate`'s hypotheses (ids, log-prob, length) per image."""
+    if not isinstance(head, CaptionHead) and hasattr(head, "search"):
+        return head.search(model, images, max_tokens, beams)     # a CoCa model's own decoder (heads.coca)
     if beams < 1 or max_tokens < 1:
         raise UserError(f"beams and max_tokens must be >= 1, got {beams} and {max_tokens}")
     require_causal_text_tower(model)

@@ -21,7 +21,7 @@ def load_head(checkpoint: str, head: str, model: nn.Module) -> nn.Module:
     heads = payload.get("heads")
     state = heads.get(head) if isinstance(heads, dict) else None
     term = next((term for term in TERMS if term.head == head), None)
-    if not state or term is None:
+    if not isinstance(state, dict) or term is None:    # {}: a head without parameters (a CoCa model's decoder)
         weight = term.weight if term is not None else f"{head}_weight"
         raise UserError(f"{ref.path} has no {head} head: train with loss.{weight} > 0")
     config = payload["config"] if isinstance(payload["config"], dict) else {}

@@ -2,7 +2,8 @@
 
 `create_model` accepts an open_clip model name (random init, never a download), a bundled model
 config (`configs/models/<name>.json`), a path to a model-config JSON, an `mmssl.config.ModelConfig`,
-or an mmssl checkpoint. The result is a plain open_clip `CLIP` / `CustomTextCLIP`, so exporting to
+or an mmssl checkpoint. The result is a plain open_clip `CLIP` / `CustomTextCLIP` (`CoCa` for a config with
+`multimodal_cfg`: open_clip's captioning model, whose text decoder trains as `loss.caption_weight`), so exporting to
 open_clip is a matter of writing its state dict next to its model config (`mmssl.export`).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.coca_model import CoCa
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 
@@ -42,12 +44,9 @@ MODEL_CONFIG_DIR = BUNDLED_DIR / "models"
 
 
 def list_models() -> list[str]:
-    """Bundled model configs first, then every dual-encoder architecture open_clip knows (no CoCa)."""
+    """Bundled model configs first, then every architecture open_clip knows (CoCa's included)."""
     bundled = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
-    builtin = [
-        name for name in open_clip.list_models()
-        if name not in bundled and "multimodal_cfg" not in open_clip.get_model_config(name)
-    ]
+    builtin = [name for name in open_clip.list_models() if name not in bundled]
     return bundled + builtin
 
 
@@ -128,8 +127,8 @@ def build_model(model_cfg: ModelConfig, load_weights: bool = True, siglip: bool 
 def resolve_model_config(model_cfg: ModelConfig, hf_weights: bool = True) -> tuple[str, dict]:
     """(name, open_clip model config dict) with `hf_text` and `patch_dropout` applied."""
     name, oc_cfg = _lookup_model_config(model_cfg.name)
-    if "multimodal_cfg" in oc_cfg:
-        raise UserError(f"model {name}: captioning (CoCa) models are not dual encoders; pick a CLIP model")
+    if "multimodal_cfg" in oc_cfg and (model_cfg.lock_image or model_cfg.lock_text):
+        raise UserError(f"model {name}: tower locking (model.lock_image / lock_text) is not supported for CoCa models")
     if model_cfg.hf_text:
         oc_cfg["text_cfg"] = hf_text_cfg(model_cfg.hf_text, oc_cfg["text_cfg"], load_weights=hf_weights)
     if model_cfg.patch_dropout:
@@ -203,12 +202,16 @@ def _read_model_json(path: Path) -> dict:
 
 
 def _instantiate(name: str, oc_cfg: dict) -> torch.nn.Module:
-    """The open_clip class the config asks for, with open_clip's preprocessing attached."""
+    """The open_clip class the config asks for, with open_clip's preprocessing attached: `CoCa`
+    (its own text decoder) for a config with `multimodal_cfg`, else `CLIP` / `CustomTextCLIP`."""
     kwargs = deepcopy(oc_cfg)
     custom_text = kwargs.pop("custom_text", False) or "hf_model_name" in kwargs["text_cfg"]
     kwargs.pop("preprocess_cfg", None)
-    kwargs["output_dict"] = True  # forward() returns {image_features, text_features, logit_scale[, logit_bias]}
-    model_class = CustomTextCLIP if custom_text else CLIP
+    if "multimodal_cfg" in kwargs:
+        model_class = CoCa                # forward() always returns a dict (with the decoder's logits)
+    else:
+        kwargs["output_dict"] = True  # forward() returns {image_features, text_features, logit_scale[, logit_bias]}
+        model_class = CustomTextCLIP if custom_text else CLIP
     quiet = quiet_transformers() if custom_text else nullcontext()
     try:
         with quiet:

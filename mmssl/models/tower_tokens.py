@@ -11,7 +11,10 @@ where those states live in each tower mmssl builds:
   attention pool's query) as the first token;
 * open_clip's native text transformer: every position after `ln_final` (causal, as the tower is),
   computed on the batch's trimmed columns and padded back to the full context length with zeros;
-* a Hugging Face text tower: its last hidden states.
+* a Hugging Face text tower: its last hidden states;
+* open_clip's `CoCa` (pass the model, not its tower): exactly what its own `_encode_image` /
+  `_encode_text` return (unnormalised), i.e. the attentional pooler's query outputs for the image
+  and the text tower's states before its appended class token: what CoCa's `text_decoder` reads.
 
 `features` are what `encode_image` / `encode_text` return (unnormalised); padding positions of the
 caption are marked by `text_valid`.
@@ -47,11 +50,26 @@ def image_token_width(visual: nn.Module) -> int:
                     f"this model's is {type(visual).__name__}")
 
 
+def is_coca(model: nn.Module) -> bool:
+    """open_clip's CoCa: a model with its own multimodal text decoder."""
+    from open_clip.coca_model import CoCa
+
+    return isinstance(model, CoCa)
+
+
 def image_tokens(visual: nn.Module, images: torch.Tensor) -> TowerTokens:
-    """Pooled features and per-token states of `images` [B, 3, H, W] from one pass of the tower."""
+    """Pooled features and per-token states of `images` [B, 3, H, W] from one pass of the tower.
+
+    `visual` is the image tower, or the whole model (required for a CoCa model: its `_encode_image`)."""
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
 
+    if is_coca(visual):
+        features, tokens = visual._encode_image(images, normalize=False)
+        return TowerTokens(features, tokens)
+    if not isinstance(visual, (VisionTransformer, ModifiedResNet)) and isinstance(getattr(visual, "visual", None),
+                                                                                   nn.Module):
+        visual = visual.visual          # a whole (non-CoCa) model: its image tower
     if isinstance(visual, VisionTransformer):
         if visual.attn_pool is not None:
             raise UserError("the fusion heads do not support ViT towers with attentional pooling")
@@ -95,6 +113,9 @@ def text_tokens(model: nn.Module, tokens: torch.Tensor) -> TowerTokens:
     from open_clip.hf_model import HFTextEncoder
     from open_clip.transformer import text_global_pool
 
+    if is_coca(model):
+        features, states = model._encode_text(tokens, normalize=False)
+        return TowerTokens(features, states)
     text = getattr(model, "text", None)
     if isinstance(text, HFTextEncoder):
         attention = (tokens != text.config.pad_token_id).long()
