@@ -110,6 +110,12 @@ def test_coca_training_resumes_exactly_and_keeps_the_decoder_in_the_model(world,
     assert resumed.losses == straight.losses[2:]
 
 
+def test_coca_accumulates_to_the_same_losses(world, coca_run, tmp_path):
+    _, straight = coca_run
+    split = train(coca_config(world, tmp_path / "acc", "train.steps=3", "train.accum_steps=2"))
+    assert split.losses == pytest.approx(straight.losses, rel=1e-4)
+
+
 def test_caption_matches_open_clip_generate_on_the_export(coca_run, tmp_path, capsys, open_clip_generate):
     output, _ = coca_run
     images = [str(_png(tmp_path / f"{i}.png", seed=i)) for i in range(3)]
