@@ -79,10 +79,11 @@ class CaptionHead(nn.Module):
                              causal=True)
         self.bias = nn.Parameter(torch.zeros(token_embedding(model).num_embeddings))
 
-    def decode(self, image_tokens: torch.Tensor, text_states: torch.Tensor, valid: torch.Tensor,
-               image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L, width] multimodal decoder states (caption row i reads image `image_index[i]`, or i)."""
-        return self.fusion(text_states, valid, image_tokens, image_index)
+    def decode(self, image_tokens: torch.Tensor | None, text_states: torch.Tensor, valid: torch.Tensor,
+               image_index: torch.Tensor | None = None, memory: list | None = None) -> torch.Tensor:
+        """[B, L, width] multimodal decoder states (caption row i reads image `image_index[i]`, or i;
+        `memory`: `fusion.image_memory` of the images, kept across generation steps)."""
+        return self.fusion(text_states, valid, image_tokens, image_index, memory)
 
     def log_likelihood(self, model: nn.Module, image_tokens: torch.Tensor, tokens: torch.Tensor,
                        image_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,7 +250,7 @@ def beam_search(step: StepFn, batch: int, sot: int, eot: int, max_tokens: int, b
 
 def caption_step(model: nn.Module, head: CaptionHead, images: torch.Tensor) -> StepFn:
     """The next-id log-probabilities given prefixes of `images` (their tokens computed once here)."""
-    image = image_tokens(model, images).tokens
+    memory = head.fusion.image_memory(image_tokens(model, images).tokens)   # once for every step
     pad = text_pad_id(model)
     banned = sorted({pad, special_ids(model)[0]})    # never emit padding or a second SOT
 
@@ -257,7 +258,7 @@ def caption_step(model: nn.Module, head: CaptionHead, images: torch.Tensor) -> S
         valid = prefix != pad
         valid[:, 0] = True
         states = text_tokens(model, prefix).tokens
-        decoded = head.decode(image, states, valid, rows)[:, -1]
+        decoded = head.decode(None, states, valid, rows, memory)[:, -1]
         logits = head.project(model, decoded).float()
         logits[:, banned] = float("-inf")
         return torch.log_softmax(logits, dim=-1)
