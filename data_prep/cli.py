@@ -5,30 +5,15 @@ import argparse
 import os
 
 from data_prep.samples import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
+from mmssl.arg_types import non_negative_int, positive_int
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
 
 
 def _quality(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 100:
         raise argparse.ArgumentTypeError(f"JPEG quality must be 1..100, got {value}")
     return value
@@ -36,8 +21,8 @@ def _quality(text: str) -> int:
 
 def _add_output_options(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
     parser.add_argument("--out", required=True, help="output folder (shards, manifest.json, failures.jsonl)")
-    parser.add_argument("--shard-size", type=_positive_int, default=shard_size, help="rows per shard")
-    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--shard-size", type=positive_int, default=shard_size, help="rows per shard")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
     mode.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
@@ -45,12 +30,12 @@ def _add_output_options(parser: argparse.ArgumentParser, shard_size: int = 1000)
 
 
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=_positive_int, default=256, help="output side in pixels")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="output side in pixels")
     parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="border",
                         help="border: keep ratio, pad to a square (img2dataset default); center_crop: "
                              "fill the square and crop; keep_ratio: shorter side = size; no: keep as is")
     parser.add_argument("--quality", type=_quality, default=95, help="JPEG quality of the shard images")
-    parser.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="an image, or its resized version, with more pixels is a failure, never decoded "
                              "(default: PIL's decompression-bomb limit, %(default)s)")
 
@@ -129,13 +114,13 @@ def register(subparsers) -> None:
 
     synthetic = modes.add_parser("synthetic", help="render the embedded synthetic world "
                                                          "(train/val/heldout/binding)")
-    synthetic.add_argument("--num-train", type=_positive_int, default=20000)
-    synthetic.add_argument("--num-val", type=_positive_int, default=2000)
-    synthetic.add_argument("--num-heldout", type=_positive_int, default=None, help="default: num-val / 4")
-    synthetic.add_argument("--num-binding", type=_non_negative_int, default=None,
+    synthetic.add_argument("--num-train", type=positive_int, default=20000)
+    synthetic.add_argument("--num-val", type=positive_int, default=2000)
+    synthetic.add_argument("--num-heldout", type=positive_int, default=None, help="default: num-val / 4")
+    synthetic.add_argument("--num-binding", type=non_negative_int, default=None,
                            help="two-object scenes with attribute-swapped negative captions, for "
                                 "`mmssl eval caption-selection` (default: num-val / 4; 0: no binding split)")
-    synthetic.add_argument("--image-size", type=_positive_int, default=64)
+    synthetic.add_argument("--image-size", type=positive_int, default=64)
     synthetic.add_argument("--seed", type=int, default=0)
     _add_output_options(synthetic)
     synthetic.set_defaults(func=run_synthetic)
@@ -179,7 +164,7 @@ def register(subparsers) -> None:
     benchmark.add_argument("--split", default="test", help="split folder to write (default: test)")
     benchmark.add_argument("--dataset-type", choices=("auto", "classification", "retrieval"), default="auto",
                            help="auto: classification when every sample has a label, else retrieval")
-    benchmark.add_argument("--shard-size", type=_positive_int, default=10_000, help="samples per shard")
+    benchmark.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard")
     benchmark.add_argument("--overwrite", action="store_true",
                            help="replace the split (and top-level files with other content) already in --out")
     benchmark.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from mmssl.arg_types import non_negative_int, positive_int
 from mmssl.config import PRECISIONS
 
 
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     knn.add_argument("--train", required=True, help="labelled set the neighbours come from (a CLIP_benchmark "
                                                     "folder: its train split)")
     knn.add_argument("--test", required=True, help="labelled test set (a CLIP_benchmark folder: its test split)")
-    knn.add_argument("--k", type=_positive_int, default=20, help="neighbours per test image (default 20)")
+    knn.add_argument("--k", type=positive_int, default=20, help="neighbours per test image (default 20)")
     knn.set_defaults(func=run_knn_command)
 
     selection = tasks.add_parser("caption-selection", help="does each image's true caption outscore its hard "
@@ -109,8 +110,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
-    parser.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data loader processes")
     parser.add_argument("--allow-remote", action="store_true",
                         help="read http(s)/s3/gs shards named by the data (through fsspec; never pipe:)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -218,24 +219,14 @@ def _nan_to_null(value):
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _rerank_k(text: str) -> int:
     from eval.rerank import MAX_K
 
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > MAX_K:
         raise argparse.ArgumentTypeError(f"at most {MAX_K}, got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mmssl.arg_types import non_negative_int, positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("caption", help="caption images with a checkpoint's caption head (CoCa)",
@@ -29,15 +31,15 @@ def register(subparsers) -> None:
     source.add_argument("--image", nargs="+", type=Path, metavar="FILE", help="image files (JPEG, PNG, WebP, GIF)")
     source.add_argument("--data", help="shards (folder with manifest.json, or a brace pattern)")
     add_decoding_options(parser)
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images decoded together (default 32)")
-    parser.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes for --data")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images decoded together (default 32)")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data loader processes for --data")
     parser.add_argument("--output", type=Path, help="write the JSON lines here instead of stdout")
     parser.set_defaults(func=handle)
 
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--beams", type=_positive_int, default=1, help="1: greedy (default); N: beam search")
-    parser.add_argument("--max-tokens", type=_positive_int, default=20,
+    parser.add_argument("--beams", type=positive_int, default=1, help="1: greedy (default); N: beam search")
+    parser.add_argument("--max-tokens", type=positive_int, default=20,
                         help="most tokens per caption, end token included (default 20; at most the context length - 1)")
 
 
@@ -135,15 +137,5 @@ def _input_side(model) -> int | None:
     return None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value

@@ -94,7 +94,7 @@ def test_caption_command_refusals_are_one_line_exit_2(world, caption_run, tmp_pa
               "has no caption head: train with loss.caption_weight > 0"),
              (["--checkpoint", str(output), "--image", str(tmp_path / "missing.png")], "image not found"),
              (["--checkpoint", str(output), "--image", str(bomb)], "9500x9500"),
-             (["--checkpoint", str(output), "--image", image, "--beams", "0"], "must be a positive integer")]
+             (["--checkpoint", str(output), "--image", image, "--beams", "0"], "expected a number >= 1")]
     for args, message in cases:
         try:
             code = main(["caption", *args])
