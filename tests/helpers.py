@@ -109,6 +109,44 @@ def logged_losses(output: Path) -> list:
     return [(r["step"], r["loss"]) for r in read_metrics(output / "metrics.jsonl")]
 
 
+def assert_resumes_exactly(make_config, reference: Path, straight, output: Path, steps: int = 6) -> None:
+    """A run of `make_config(output, *overrides)` stopped at steps // 2 and resumed from its checkpoint
+    reproduces `straight` (the uninterrupted run that wrote `reference`): losses and metrics.jsonl."""
+    from mmssl.train.loop import build_trainer, train
+
+    half = steps // 2
+    first = build_trainer(make_config(output, f"train.steps={steps}", f"train.save_every={half}"), CPU)
+    first.cfg.steps = half
+    first.fit()
+    resumed = train(make_config(output, f"train.steps={steps}", "train.resume=latest"))
+    assert resumed.losses == straight.losses[half:]
+    assert logged_losses(output) == logged_losses(reference)
+
+
+def objective_for(model_name, *overrides):
+    """An `mmssl.objective.Objective` in training mode for a model config and loss/heads overrides, seed 0."""
+    import mmssl
+    from mmssl.config import load_config
+    from mmssl.objective import Objective
+
+    cfg = load_config(None, [f"model.name={model_name}", *overrides])
+    torch.manual_seed(0)
+    return Objective(mmssl.create_model(cfg.model).train(), cfg), cfg
+
+
+def token_batch(rows: int = 12, size: int = 32, context: int = 16):
+    """(images [rows, 3, size, size], captions [rows, context]): random token ids between SOT and EOT
+    at random lengths, padding after; a fixed seed."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(rows, 3, size, size, generator=generator)
+    texts = torch.randint(1, 49000, (rows, context), generator=generator)
+    texts[:, 0] = 49406
+    lengths = torch.randint(3, context - 2, (rows,), generator=generator)
+    for row, length in enumerate(lengths.tolist()):
+        texts[row, length], texts[row, length + 1:] = 49407, 0
+    return images, texts
+
+
 # ---------------------------------------------------------------- shards and loaders
 
 def jpeg_bytes(seed: int, size: int = 16) -> bytes:

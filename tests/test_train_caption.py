@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import CPU, config, logged_losses
+from helpers import assert_resumes_exactly, config
 from mmssl.cli import main
-from mmssl.train.loop import build_trainer, train
+from mmssl.train.loop import train
 from mmssl.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,12 +35,7 @@ def test_caption_training_logs_the_term_and_resumes_exactly(world, caption_run, 
     records = read_metrics(output / "metrics.jsonl")
     assert records[-1]["loss"] == pytest.approx(records[-1]["contrastive_loss"] + records[-1]["caption_loss"], rel=1e-6)
     assert records[-1]["caption_loss"] < records[0]["caption_loss"] <= math.log(49408) + 1   # it learns
-    first = build_trainer(caption_config(world, tmp_path / "b", "train.steps=6", "train.save_every=3"), CPU)
-    first.cfg.steps = 3
-    first.fit()
-    resumed = train(caption_config(world, tmp_path / "b", "train.steps=6", "train.resume=latest"))
-    assert resumed.losses == straight.losses[3:]
-    assert logged_losses(tmp_path / "b") == logged_losses(output)
+    assert_resumes_exactly(lambda out, *extra: caption_config(world, out, *extra), output, straight, tmp_path / "b")
 
 
 def test_caption_accumulates_to_the_same_losses(world, caption_run, tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CPU, config, logged_losses
+from helpers import assert_resumes_exactly, config
 from mmssl.cli import main
-from mmssl.train.loop import build_trainer, train
+from mmssl.train.loop import train
 from mmssl.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,12 +32,7 @@ def test_itm_training_logs_the_term_and_resumes_exactly(world, itm_run, tmp_path
     record = read_metrics(output / "metrics.jsonl")[-1]
     assert record["loss"] == pytest.approx(record["contrastive_loss"] + record["itm_loss"], rel=1e-6)
     assert 0.1 < record["itm_loss"] < 2.0
-    first = build_trainer(itm_config(world, tmp_path / "b", "train.steps=6", "train.save_every=3"), CPU)
-    first.cfg.steps = 3
-    first.fit()
-    resumed = train(itm_config(world, tmp_path / "b", "train.steps=6", "train.resume=latest"))
-    assert resumed.losses == straight.losses[3:]
-    assert logged_losses(tmp_path / "b") == logged_losses(output)
+    assert_resumes_exactly(lambda out, *extra: itm_config(world, out, *extra), output, straight, tmp_path / "b")
 
 
 def test_itm_accumulates_to_the_same_losses(world, itm_run, tmp_path):
