@@ -134,6 +134,35 @@ def objective_for(model_name, *overrides):
     return Objective(mmssl.create_model(cfg.model).train(), cfg), cfg
 
 
+def accumulation_matches(objective, images, texts, pieces=(3, 4), views=None) -> dict:
+    """Terms and gradients of one step split into each of `pieces` micro-batches equal those of the
+    whole-batch step; returns the whole step's gradients (parameter name -> tensor)."""
+    from mmssl.train.accumulate import accumulated_backward
+
+    def step(count):
+        objective.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        if count == 1:
+            terms = objective(images, texts, step=0, views=views)
+            terms["loss"].backward()
+        else:
+            terms = accumulated_backward(objective, images, texts, count, step=0, views=views)
+        grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.grad is not None}
+        return {name: value.detach() for name, value in terms.items()}, grads
+
+    full_terms, full = step(1)
+    for count in pieces:
+        terms, split = step(count)
+        assert terms.keys() == full_terms.keys()
+        for name, value in full_terms.items():
+            torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert split.keys() == full.keys()
+        for name, grad in full.items():
+            scale = grad.abs().max().item()
+            torch.testing.assert_close(split[name], grad, rtol=1e-4, atol=max(1e-5 * scale, 1e-8), msg=name)
+    return full
+
+
 def token_batch(rows: int = 12, size: int = 32, context: int = 16):
     """(images [rows, 3, size, size], captions [rows, context]): random token ids between SOT and EOT
     at random lengths, padding after; a fixed seed."""

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import mmssl
-from helpers import objective_for, token_batch, write_micro_model
+from helpers import accumulation_matches, objective_for, token_batch, write_micro_model
 from mmssl.errors import UserError
 from mmssl.heads.caption import (CaptionHead, Hypothesis, beam_search, caption_step, decode_caption, generate,
                                  greedy_search, search)
 from mmssl.models.tower_tokens import image_tokens, text_tokens
-from mmssl.train.accumulate import accumulated_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,32 +84,13 @@ def test_weight_zero_builds_nothing_and_the_term_joins_the_total(micro_json):
     assert set(both(images, texts, step=0)) == {"contrastive_loss", "itm_loss", "caption_loss", "loss"}
 
 
-def _step(objective, images, texts, pieces):
-    objective.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    if pieces == 1:
-        terms = objective(images, texts, step=0)
-        terms["loss"].backward()
-    else:
-        terms = accumulated_backward(objective, images, texts, pieces, step=0)
-    grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.grad is not None}
-    return {name: value.detach() for name, value in terms.items()}, grads
-
-
 @pytest.mark.parametrize("extra", [(), ("loss.itm_weight=1",)], ids=["caption", "caption+itm"])
 def test_accumulation_is_exact_with_captioning(micro_json, extra):
     objective, _ = objective_for(micro_json, "loss.caption_weight=1", *extra)
     images, texts = token_batch(12)
-    full_terms, full = _step(objective, images, texts, 1)
-    for pieces in (3, 4):
-        terms, split = _step(objective, images, texts, pieces)
-        for name, value in full_terms.items():
-            torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
-        assert split.keys() == full.keys() and "heads.caption.bias" in full
-        assert "model.token_embedding.weight" in full and any(name.startswith("model.visual.") for name in full)
-        for name, grad in full.items():
-            scale = grad.abs().max().item()
-            torch.testing.assert_close(split[name], grad, rtol=1e-4, atol=max(1e-5 * scale, 1e-8), msg=name)
+    full = accumulation_matches(objective, images, texts)
+    assert "heads.caption.bias" in full and "model.token_embedding.weight" in full
+    assert any(name.startswith("model.visual.") for name in full)
 
 
 def test_refusals(micro_json, tmp_path):

@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import mmssl
-from helpers import micro_model_config, objective_for, token_batch, write_micro_model
+from helpers import accumulation_matches, micro_model_config, objective_for, token_batch, write_micro_model
 from mmssl.errors import UserError
 from mmssl.heads.itm import ITMHead, ItmDraw, draw_itm, hard_negatives
 from mmssl.models.tower_tokens import image_tokens, text_tokens, text_valid
-from mmssl.train.accumulate import accumulated_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,34 +119,14 @@ def test_weight_zero_builds_nothing_and_the_term_joins_the_total(micro_json):
     assert terms["contrastive_loss"].item() == pytest.approx(on_terms["contrastive_loss"].item(), rel=1e-5)
 
 
-def _step(objective, images, texts, pieces):
-    objective.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    if pieces == 1:
-        terms = objective(images, texts, step=0)
-        terms["loss"].backward()
-    else:
-        terms = accumulated_backward(objective, images, texts, pieces, step=0)
-    grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.grad is not None}
-    return {name: value.detach() for name, value in terms.items()}, grads
-
-
 @pytest.mark.parametrize("tower", ["vit", "rn"])
 def test_accumulation_is_exact_with_itm(micro_json, micro_rn, tower):
     objective, _ = objective_for(micro_json if tower == "vit" else micro_rn, "loss.itm_weight=1")
     if tower == "rn":
         objective.model.visual.eval()   # BatchNorm's batch statistics are per micro-batch by nature
     images, texts = token_batch(12)
-    full_terms, full = _step(objective, images, texts, 1)
-    for pieces in (3, 4):
-        terms, split = _step(objective, images, texts, pieces)
-        for name, value in full_terms.items():
-            torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
-        assert split.keys() == full.keys() and any(name.startswith("heads.itm.") for name in full)
-        assert any(name.startswith("model.visual.") for name in full)
-        for name, grad in full.items():
-            scale = grad.abs().max().item()
-            torch.testing.assert_close(split[name], grad, rtol=1e-4, atol=max(1e-5 * scale, 1e-8), msg=name)
+    full = accumulation_matches(objective, images, texts)
+    assert any(name.startswith("heads.itm.") for name in full) and any(name.startswith("model.visual.") for name in full)
 
 
 def test_itm_with_a_hugging_face_text_tower(tmp_path):
