@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,16 +157,19 @@ def train_subprocess(overrides: list[str], steps: int) -> dict:
     command = [sys.executable, "-m", "mmssl", "train", "--config", "tiny", *overrides, f"train.steps={steps}",
                f"train.warmup={max(1, steps // 10)}"]
     started = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    process, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        try:
-            peak = max(peak, process.memory_info().rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    if child.returncode != 0:
-        raise RuntimeError(f"training failed: {' '.join(command)}\n{child.stderr.read()[-2000:]}")
+    # stderr to a file: a pipe nobody reads fills with the progress bar (64 KiB) and blocks the child
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        process, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            try:
+                peak = max(peak, process.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        if child.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"training failed: {' '.join(command)}\n{log.read()[-2000:]}")
     output = Path(aux_heads.overrides_value(overrides, "train.output"))
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     timed = records[1:] or records
