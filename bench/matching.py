@@ -167,8 +167,8 @@ def serve_with_rerank(checkpoint: Path, world: Path, work: Path, seconds: float,
     shutil.rmtree(index, ignore_errors=True)
     assert mmssl_main(["index", "build", "--checkpoint", str(checkpoint), "--data", str(world / "val"),
                        "--out", str(index), "--workers", "1"]) == 0
-    process, url = serve_load.start_server(index, threads=0, extra_args=["--rerank", "itm",
-                                                                         "--rerank-k", str(RERANK_K)])
+    process, url = serve_load.start_server(index, threads=0, extra_args=["--rerank", "itm", "--rerank-k", str(RERANK_K)],
+                                           log=work / "serve.log")     # a file: an unread pipe would fill
     try:
         out = {}
         for rerank_k in (0, RERANK_K):
