@@ -209,7 +209,22 @@ def evaluate_image_only(checkpoint: str, world: Path, probe_world: Path) -> dict
     loaded = load_model(checkpoint, precision="fp32")
     probe = run_linear_probe(loaded, str(probe_world / "val"), str(world / "val"), workers=1)["metrics"]
     knn = run_knn(loaded, str(probe_world / "val"), str(world / "val"), workers=1)["metrics"]
-    return {"linear_probe_top1": probe["lp_acc1"], "knn_top1": knn["knn_acc1"]}
+    return {"linear_probe_top1": probe["lp_acc1"], "knn_top1": knn["knn_acc1"],
+            **attribute_probes(loaded, world, probe_world)}
+
+
+def attribute_probes(loaded, world: Path, probe_world: Path) -> dict:
+    """Linear-probe top-1 of the colour (8-way) and of the shape (6-way) alone, on the same frozen
+    features: what each half of the 48 labels keeps (SimCLR's colour jitter is built to remove colour)."""
+    from eval.linear_probe import embed_train_test, linear_probe
+
+    sets = embed_train_test(loaded, str(probe_world / "val"), str(world / "val"), 256, 1, False, "attribute probes")
+    out = {}
+    for name, of_label in (("colour", lambda y: y // 6), ("shape", lambda y: y % 6)):
+        probe = linear_probe(sets["train"].features, of_label(sets["train"].labels), sets["test"].features,
+                             of_label(sets["test"].labels))
+        out[f"{name}_probe_top1"] = probe.metrics["lp_acc1"]
+    return out
 
 
 if __name__ == "__main__":
