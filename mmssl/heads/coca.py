@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.errors import UserError
-from mmssl.models.tower_tokens import image_tokens, is_coca, text_tokens
+from mmssl.models.tower_tokens import is_coca, text_tokens
 
 
 def require_coca(model: nn.Module) -> None:
@@ -151,13 +151,11 @@ def greedy_generate(model: nn.Module, images: torch.Tensor, seq_len: int, min_se
     finally:
         model.train(was_training)
     hypotheses = []
-    for row in out[:, 1:].tolist():
+    for row, value in zip(out[:, 1:].tolist(), logprob.tolist()):
         ends = [position for position, token in enumerate(row) if token in (eot, pad)]
         cut = ends[0] if ends else len(row)
         finished = bool(ends) and row[cut] == eot
-        hypotheses.append(Hypothesis(row[:cut], 0.0, cut + int(bool(ends)), finished))
-    for hypothesis, value in zip(hypotheses, logprob.tolist()):
-        hypothesis.logprob = value
+        hypotheses.append(Hypothesis(row[:cut], value, cut + int(bool(ends)), finished))
     return hypotheses
 
 
