@@ -27,6 +27,7 @@ from eval.embed import LoadedModel, _progress, evaluation_mode, open_eval_data, 
 from mmssl.errors import UserError
 
 TASK = "image_caption_selection"
+MAX_NEGATIVES = 64          # per sample: every one is tokenized and scored against its image
 ScorePairs = Callable[[LoadedModel, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -162,12 +163,14 @@ def selection_metrics(scores, kinds) -> dict:
 
 
 def _candidates(data: str, key: str, captions: list, meta: dict) -> list:
-    """[true caption, negatives...] of one sample."""
+    """[true caption, negatives...] of one sample (at most MAX_NEGATIVES negatives: the data is untrusted)."""
     negatives = meta.get("negatives")
     if not captions or not isinstance(negatives, list) or not negatives \
             or not all(isinstance(text, str) for text in negatives):
         raise UserError(f"{data}: sample {key} has no caption with a json 'negatives' list of strings; caption "
                         "selection needs both, as in the binding/ split of `mmssl prep synthetic`")
+    if len(negatives) > MAX_NEGATIVES:
+        raise UserError(f"{data}: sample {key} lists {len(negatives)} negatives; at most {MAX_NEGATIVES} are scored")
     return [captions[0], *negatives]
 
 

@@ -118,6 +118,16 @@ def test_cli_refuses_data_without_captions_lists(world, checkpoint, tmp_path, ca
     assert exit_code(args + ["--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sample k0" in err and "'negative_kinds' must be a list of 1" in err
+    for name, meta, message in (
+            ("numbers", {"captions": ["a red circle"], "negatives": [1, 2]}, "'negatives' list of strings"),
+            ("too_many", {"captions": ["a red circle"], "negatives": ["x"] * 10_000}, "at most 64 are scored")):
+        hostile = tmp_path / name
+        hostile.mkdir()
+        with wds.TarWriter(str(hostile / "00000.tar")) as sink:
+            sink.write({"__key__": "k1", "jpg": jpeg_bytes(0), "json": json.dumps(meta)})
+        assert exit_code(args + ["--data", str(hostile)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "sample k1" in err and message in err
 
 
 def test_negatives_without_kinds_are_scored_by_position(tmp_path):

@@ -165,3 +165,28 @@ def test_scoring_against_distinct_images_equals_scoring_repeated_pairs(micro_jso
         repeated = head.match_score(image[index], text, valid)
         shared = head.match_score(image, text, valid, index)
     torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.itm_weight=-1", "bad value for loss.itm_weight: -1.0 (must be >= 0 (0: off))"),
+    ("loss.itm_weight=nan", "bad value for loss.itm_weight: nan (must be >= 0 (0: off))"),
+    ("heads.itm.layers=0", "bad value for heads.itm.layers: 0 (must be an integer >= 1)"),
+    ("heads.itm.heads=-2", "bad value for heads.itm.heads: -2 (must be an integer >= 0 (0: the text tower's))"),
+    ("loss.caption_weight=-0.5", "bad value for loss.caption_weight: -0.5 (must be >= 0 (0: off))"),
+])
+def test_bad_matching_settings_are_one_line_config_errors(micro_json, override, message):
+    from mmssl.config import load_config
+
+    with pytest.raises(UserError) as caught:
+        load_config(None, [f"model.name={micro_json}", override])
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("value", ["0", "257", "x"])
+def test_rerank_k_out_of_bounds_is_a_usage_error(world, value, capsys):
+    from mmssl.cli import main
+
+    with pytest.raises(SystemExit) as caught:     # argparse's usage error, before any model loads
+        main(["eval", "retrieval", "--checkpoint", "openclip:tiny-vit-64", "--data", str(world / "syn" / "val"),
+              "--rerank", "itm", "--rerank-k", value])
+    assert caught.value.code == 2 and "--rerank-k" in capsys.readouterr().err
