@@ -8,8 +8,16 @@ from data_prep.samples import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from mmssl.arg_types import non_negative_int, positive_int
 
 
+SHIFT_NAMES = "noise,blur,background"  # data_prep.synthetic.SHIFTS, named here to keep numpy out of parsing
 
 
+def _shift_names(text: str) -> tuple:
+    """`--shifts` text -> names; an unknown name is argparse's one-line usage error."""
+    names = () if text.strip().lower() == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        if name not in SHIFT_NAMES.split(","):
+            raise argparse.ArgumentTypeError(f"unknown shift {name!r}, expected names from {SHIFT_NAMES} or none")
+    return names
 
 
 def _quality(text: str) -> int:
@@ -61,7 +69,8 @@ def run_synthetic(args) -> int:
 
     manifests = synthetic.generate(
         args.out, num_train=args.num_train, num_val=args.num_val, num_heldout=args.num_heldout,
-        num_binding=args.num_binding, image_size=args.image_size, seed=args.seed, **_output_kwargs(args),
+        num_binding=args.num_binding, shifts=args.shifts, image_size=args.image_size, seed=args.seed,
+        **_output_kwargs(args),
     )
     for split, manifest in manifests.items():
         _print_summary(f"synthetic {split}", manifest, os.path.join(args.out, split))
@@ -113,13 +122,17 @@ def register(subparsers) -> None:
     modes.required = True
 
     synthetic = modes.add_parser("synthetic", help="render the embedded synthetic world "
-                                                         "(train/val/heldout/binding)")
+                                                   "(train/val/heldout/binding/shift_*)")
     synthetic.add_argument("--num-train", type=positive_int, default=20000)
     synthetic.add_argument("--num-val", type=positive_int, default=2000)
     synthetic.add_argument("--num-heldout", type=positive_int, default=None, help="default: num-val / 4")
     synthetic.add_argument("--num-binding", type=non_negative_int, default=None,
                            help="two-object scenes with attribute-swapped negative captions, for "
                                 "`mmssl eval caption-selection` (default: num-val / 4; 0: no binding split)")
+    synthetic.add_argument("--shifts", type=_shift_names, default=SHIFT_NAMES,
+                           help="comma-separated shifted copies of val to write as shift_NAME, for robustness: "
+                                "noise (Gaussian pixel noise), blur (Gaussian blur), background (unseen "
+                                "textures); 'none' or '' writes none (default: %(default)s)")
     synthetic.add_argument("--image-size", type=positive_int, default=64)
     synthetic.add_argument("--seed", type=int, default=0)
     _add_output_options(synthetic)

@@ -8,6 +8,9 @@ Six colour-shape pairs, one per shape with six different colours, never occur an
 `binding` holds two-object scenes (two seen pairs, different colours and different shapes) whose
 json lists the true caption first, then one negative per kind of attribute swap (colour, shape,
 position): caption selection scores whether a model binds each colour to its own shape and place.
+`shift_noise`, `shift_blur` and `shift_background` re-render val's scenes (same objects, places,
+labels, captions and json) under one distribution shift each (SHIFTS), for robustness evaluation in
+the manner of ImageNet-C / -R: a model is scored on them exactly as on val.
 
 Every sample is drawn from its own generator seeded by (seed, split, row index), so a sample does
 not depend on which worker or which run renders it: same seed and sizes, same bytes.
@@ -19,7 +22,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from data_prep.pipeline import write_dataset
 from data_prep.samples import Sample
@@ -46,7 +49,10 @@ HELDOUT_PAIRS = (
     ("orange", "cross"),
     ("pink", "diamond"),
 )
-SPLITS = {"train": 0, "val": 1, "heldout": 2, "binding": 3}  # split code: part of each sample's seed
+# split code: part of each sample's seed (a shifted split's scene still comes from val's code;
+# its own code seeds only the shift)
+SPLITS = {"train": 0, "val": 1, "heldout": 2, "binding": 3, "shift_noise": 4, "shift_blur": 5,
+          "shift_background": 6}
 TEMPLATES = (
     "a {}",
     "a photo of a {}",
@@ -157,23 +163,84 @@ def _unit_outlines() -> dict:
 
 _OUTLINES = _unit_outlines()
 
+# Shift severities: strong enough to hurt a model trained on clean scenes, mild enough that a person
+# still names every object's colour and shape.
+NOISE_SIGMA = 0.3    # Gaussian pixel noise, standard deviation as a fraction of the 0..255 range (76.5)
+BLUR_RADIUS = 0.04   # Gaussian blur radius (PIL's, ~ the standard deviation) per image side: 2.56 px at 64
+TEXTURE_PERIOD = (0.06, 0.16)  # stripe width / checker cell per image side: 4 to 10 px at 64
+
+
+def shift_noise(image: Image.Image, mask: Image.Image, rng) -> Image.Image:
+    """Gaussian noise of standard deviation NOISE_SIGMA x 255 on every pixel and channel, clipped."""
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * (NOISE_SIGMA * 255)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
+def shift_blur(image: Image.Image, mask: Image.Image, rng) -> Image.Image:
+    """Gaussian blur of radius BLUR_RADIUS x the image side (2.56 px at 64 px)."""
+    return image.filter(ImageFilter.GaussianBlur(BLUR_RADIUS * image.width))
+
+
+def _stripes(x, y, angle, period):
+    return np.floor((x * np.cos(angle) + y * np.sin(angle)) / period) % 2
+
+
+def _checker(x, y, angle, period):
+    return (np.floor(x / period) + np.floor(y / period)) % 2
+
+
+def _gradient(x, y, angle, period):
+    along = x * np.cos(angle) + y * np.sin(angle)
+    return (along - along.min()) / max(float(along.max() - along.min()), 1e-6)
+
+
+TEXTURES = {"stripes": _stripes, "checker": _checker, "gradient": _gradient}  # (x, y, angle, period) -> 0..1
+
+
+def shift_background(image: Image.Image, mask: Image.Image, rng) -> Image.Image:
+    """The plain noisy background replaced by a texture train never shows (TEXTURES: stripes at any
+    angle, a checkerboard, or a linear gradient) between a dark and a mid-bright tinted grey; the
+    objects' pixels (`mask`) are kept as they are."""
+    side = image.width
+    texture = list(TEXTURES.values())[rng.integers(len(TEXTURES))]
+    greys = rng.uniform([0, 110], [60, 170])
+    dark, light = (np.clip(g + rng.integers(-25, 26, size=3), 0, 255) for g in greys)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float64)
+    t = texture(x, y, rng.uniform(0, np.pi), rng.uniform(*TEXTURE_PERIOD) * side)
+    pixels = dark + t[..., None] * (light - dark)
+    background = Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
+    return Image.composite(image, background, mask)
+
+
+# name (`--shifts`) -> transform(clean image, object mask, rng) -> shifted image; split `shift_<name>`
+SHIFTS = {"noise": shift_noise, "blur": shift_blur, "background": shift_background}
+
 
 class SceneRenderer:
-    """`(index, row) -> Sample` for one split: draws the scene, writes its caption and metadata."""
+    """`(index, row) -> Sample` for one split: draws the scene, writes its caption and metadata.
+
+    A `shift_<name>` split draws val's scene of the same index (val's seed), then applies
+    SHIFTS[name] with a generator of its own: the scene, caption and json are val's."""
 
     def __init__(self, split: str, seed: int, image_size: int):
         self.split = split
+        self.shift = SHIFTS[split.removeprefix("shift_")] if split.startswith("shift_") else None
+        self.scene_split = "val" if self.shift else split
         self.seed = seed
         self.image_size = image_size
         self.pairs = seen_pairs() if split != "heldout" else list(HELDOUT_PAIRS)
 
     def __call__(self, index: int, row) -> Sample:
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        rng = np.random.default_rng([self.seed, SPLITS[self.scene_split], index])
         if self.split == "binding":
             return self._binding_scene(rng)
         two = self.split == "train" and rng.random() < 0.5
         objects, caption = self._two_objects(rng) if two else self._one_object(rng)
         image = self._draw(rng, objects)
+        if self.shift:
+            shift_rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+            image = self.shift(image, self._mask(objects), shift_rng)
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=JPEG_QUALITY)
         meta = {"objects": objects}
@@ -257,13 +324,24 @@ class SceneRenderer:
         for obj in objects:
             jitter = rng.integers(-12, 13, size=3).tolist()
             fill = tuple(min(255, max(0, c + j)) for c, j in zip(COLOURS[obj["colour"]], jitter))
-            x, y, r = obj["x"], obj["y"], self._radius(obj)
-            if obj["shape"] == "circle":
-                draw.ellipse((x - 0.9 * r, y - 0.9 * r, x + 0.9 * r, y + 0.9 * r), fill=fill)
-            else:
-                points = _OUTLINES[obj["shape"]] * r + (x, y)
-                draw.polygon([tuple(p) for p in points.tolist()], fill=fill)
+            self._shape(draw, obj, fill)
         return image
+
+    def _mask(self, objects) -> Image.Image:
+        """255 on exactly the pixels _draw paints with the objects, 0 on the background."""
+        mask = Image.new("L", (self.image_size, self.image_size), 0)
+        draw = ImageDraw.Draw(mask)
+        for obj in objects:
+            self._shape(draw, obj, 255)
+        return mask
+
+    def _shape(self, draw, obj, fill) -> None:
+        x, y, r = obj["x"], obj["y"], self._radius(obj)
+        if obj["shape"] == "circle":
+            draw.ellipse((x - 0.9 * r, y - 0.9 * r, x + 0.9 * r, y + 0.9 * r), fill=fill)
+        else:
+            points = _OUTLINES[obj["shape"]] * r + (x, y)
+            draw.polygon([tuple(p) for p in points.tolist()], fill=fill)
 
 
 def generate(
@@ -273,6 +351,7 @@ def generate(
     num_val: int = 2000,
     num_heldout: int | None = None,
     num_binding: int | None = None,
+    shifts=tuple(SHIFTS),
     image_size: int = 64,
     seed: int = 0,
     shard_size: int = 1000,
@@ -281,10 +360,12 @@ def generate(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Write `out_dir/{train,val,heldout,binding}` shard folders; returns {split: manifest}.
+    """Write `out_dir/{train,val,heldout,binding,shift_*}` shard folders; returns {split: manifest}.
 
     `num_heldout` and `num_binding` default to num_val // 4; `num_binding=0` writes no binding
-    split. classnames.txt and templates.txt go beside every split.
+    split. `shifts`: names of SHIFTS (or their comma-separated text, "none" for none), each written
+    as `shift_<name>` holding val's num_val scenes; empty writes none. classnames.txt and
+    templates.txt go beside every split.
     """
     from mmssl.errors import UserError
 
@@ -299,6 +380,14 @@ def generate(
         raise UserError(f"--num-binding must be 0 (no binding split) or more, got {binding}")
     if binding:
         sizes["binding"] = binding
+    if isinstance(shifts, str):  # the --shifts text: comma-separated names, "none" or "" for none
+        shifts = [] if shifts.strip().lower() == "none" else [n.strip() for n in shifts.split(",") if n.strip()]
+    unknown = [name for name in shifts if name not in SHIFTS]
+    if unknown:
+        raise UserError(f"--shifts: unknown shift {unknown[0]!r}, expected names from {','.join(SHIFTS)} or none")
+    for name in SHIFTS:
+        if name in shifts:
+            sizes[f"shift_{name}"] = num_val
     manifests = {}
     for split, count in sizes.items():
         split_dir = Path(out_dir) / split
@@ -306,6 +395,8 @@ def generate(
         extra = {"num_classes": len(classnames()), "heldout_pairs": [" ".join(p) for p in HELDOUT_PAIRS]}
         if split == "binding":
             extra["negative_kinds"] = list(NEGATIVE_KINDS)
+        if split.startswith("shift_"):
+            extra["shift_of"] = "val"
         manifests[split] = write_dataset(
             split_dir, list(range(count)), SceneRenderer(split, seed, image_size),
             source=source, image_size=image_size, shard_size=shard_size, workers=workers,

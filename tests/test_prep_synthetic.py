@@ -4,14 +4,19 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from data_prep import cli as prep_cli
 from data_prep import synthetic
+from helpers import exit_code
 from mmssl.cli import main
+from mmssl.errors import UserError
 
 SIZES = dict(num_train=300, num_val=96, num_heldout=30, image_size=64, shard_size=100)
+SHIFT_SPLITS = ("shift_noise", "shift_blur", "shift_background")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,8 @@ def test_captions_describe_the_scene(world):
 
 def test_same_seed_same_bytes_any_workers_and_other_seed_differs(world, tmp_path):
     synthetic.generate(tmp_path / "again", seed=3, workers=2, quiet=True, **SIZES)
-    for split in ("train", "val", "heldout"):
+    for split in ("train", "val", "heldout", *SHIFT_SPLITS):
+        assert sorted((world / split).glob("*.tar"))
         for tar in sorted((world / split).glob("*.tar")):
             assert (tmp_path / "again" / split / tar.name).read_bytes() == tar.read_bytes()
         assert (tmp_path / "again" / split / "manifest.json").read_text() == (world / split / "manifest.json").read_text()
@@ -144,3 +150,94 @@ def test_cli_refuses_non_empty_output_then_resumes(world, tmp_path, capsys):
     assert err.count("\n") == 1 and "not empty" in err and "--resume" in err
     assert main(args + ["--resume"]) == 0
     assert main(args + ["--overwrite"]) == 0
+
+
+def _images(split_dir):
+    """{key: RGB pixels as int16} of every sample of a split."""
+    return {key: np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), dtype=np.int16)
+            for tar in sorted(split_dir.glob("*.tar")) for key, s in _tar_samples(tar).items()}
+
+
+def test_shift_splits_hold_vals_scenes_with_other_pixels(world):
+    """Each shift_* split: val's keys, captions and json (labels included), its manifest labelled
+    like val's; only the pixels change, by more than JPEG and far more than a rerun would."""
+    val = {key: s for tar in sorted((world / "val").glob("*.tar")) for key, s in _tar_samples(tar).items()}
+    val_manifest = json.loads((world / "val" / "manifest.json").read_text())
+    val_images = _images(world / "val")
+    assert len(val) == 96
+    for split in SHIFT_SPLITS:
+        samples = {key: s for tar in sorted((world / split).glob("*.tar")) for key, s in _tar_samples(tar).items()}
+        assert list(samples) == list(val)
+        for key, sample in samples.items():
+            assert sample["txt"] == val[key]["txt"] and sample["json"] == val[key]["json"]
+        manifest = json.loads((world / split / "manifest.json").read_text())
+        assert manifest["num_samples"] == 96 and manifest["num_classes"] == 48 == val_manifest["num_classes"]
+        assert manifest["heldout_pairs"] == val_manifest["heldout_pairs"] and manifest["shift_of"] == "val"
+        assert manifest["source"]["split"] == split
+        assert (world / split / "classnames.txt").read_text() == (world / "val" / "classnames.txt").read_text()
+        images = _images(world / split)
+        differences = [np.abs(images[key] - val_images[key]).mean() for key in val]
+        assert min(differences) > SHIFT_MIN_DIFFERENCE[split], (split, min(differences))
+
+
+# half the smallest per-image mean absolute pixel difference (0..255) to val measured over this
+# world's 96 scenes: noise 33.5 (mean 36.6), blur 6.0 (7.4), background 16.8 (44.2); old code: no split
+SHIFT_MIN_DIFFERENCE = {"shift_noise": 16, "shift_blur": 3, "shift_background": 8}
+
+
+def test_shifted_objects_stay_recognisable(world):
+    """The mean of a 5x5 patch at the object's centre stays near its colour: under the background
+    shift and noise for every object, under blur for the large ones (a small star's centre is
+    smeared). Worst measured: background 18, noise 48 (white is clipped at 255), blur 18."""
+    val_json = [json.loads(s["json"]) for s in _tar_samples(world / "val" / "00000.tar").values()]
+    for split, tolerance in (("shift_background", 45), ("shift_noise", 65), ("shift_blur", 45)):
+        images = _images(world / split)
+        assert len(images) == len(val_json) == 96
+        for meta, pixels in zip(val_json, images.values()):
+            if split == "shift_blur" and meta["size"] == "small":
+                continue
+            x, y = int(meta["x"]), int(meta["y"])
+            patch = pixels[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(axis=0)
+            expected = synthetic.COLOURS[meta["colour"]]
+            assert max(abs(a - b) for a, b in zip(patch, expected)) < tolerance, (split, meta, patch)
+
+
+def test_shifts_option_leaves_val_alone_and_writes_only_the_named(world, tmp_path):
+    synthetic.generate(tmp_path / "none", seed=3, workers=1, quiet=True, shifts=(), **SIZES)
+    assert not [split for split in SHIFT_SPLITS if (tmp_path / "none" / split).exists()]
+    for split in ("train", "val", "heldout"):  # the clean splits are the same bytes with or without shifts
+        assert (tmp_path / "none" / split / "00000.tar").read_bytes() == (world / split / "00000.tar").read_bytes()
+        assert (tmp_path / "none" / split / "manifest.json").read_text() == (world / split / "manifest.json").read_text()
+    manifests = synthetic.generate(tmp_path / "blur", seed=3, workers=1, quiet=True, shifts=("blur",),
+                                   **{**SIZES, "num_train": 10})
+    assert [s for s in manifests if s.startswith("shift_")] == ["shift_blur"]
+    assert (tmp_path / "blur" / "shift_blur" / "00000.tar").read_bytes() == (world / "shift_blur" / "00000.tar").read_bytes()
+    # --resume of the run without shifts adds them, the same bytes as a run that had them from the start
+    synthetic.generate(tmp_path / "none", seed=3, workers=1, quiet=True, resume=True, **SIZES)
+    for split in SHIFT_SPLITS:
+        for name in ("00000.tar", "manifest.json", "sizes.json", "classnames.txt", "templates.txt"):
+            assert (tmp_path / "none" / split / name).read_bytes() == (world / split / name).read_bytes()
+    with pytest.raises(UserError, match="unknown shift 'fog'"):
+        synthetic.generate(tmp_path / "bad", shifts=("noise", "fog"), **SIZES)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_cli_shifts_option(tmp_path, capsys):
+    assert prep_cli.SHIFT_NAMES.split(",") == list(synthetic.SHIFTS)  # the parser's copy of the names
+    base = ["prep", "synthetic", "--num-train", "4", "--num-val", "8", "--workers", "1", "--quiet"]
+    assert exit_code(base + ["--out", str(tmp_path / "default")]) == 0
+    out = capsys.readouterr().out
+    for split in SHIFT_SPLITS:
+        assert f"prep synthetic {split}: 8 rows in, 8 written, 0 failed" in out
+    assert exit_code(base + ["--out", str(tmp_path / "none"), "--shifts", "none"]) == 0
+    assert exit_code(base + ["--out", str(tmp_path / "empty"), "--shifts", ""]) == 0
+    for folder in ("none", "empty"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["binding", "heldout", "train", "val"]
+    assert exit_code(base + ["--out", str(tmp_path / "two"), "--shifts", "background, noise"]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("shift_")) == [
+        "shift_background", "shift_noise"]
+    capsys.readouterr()
+    assert exit_code(base + ["--out", str(tmp_path / "bad"), "--shifts", "noise,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--shifts" in err and "'bogus'" in err
+    assert not (tmp_path / "bad").exists()
