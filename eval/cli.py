@@ -49,7 +49,14 @@ def register(subparsers) -> None:
     _add_model_options(probe)
     probe.add_argument("--train", required=True, help="labelled training set (a CLIP_benchmark folder: its train split)")
     probe.add_argument("--test", required=True, help="labelled test set (a CLIP_benchmark folder: its test split)")
-    probe.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the validation split (with --fewshot-k: "
+                                                           "the first draw seed)")
+    probe.add_argument("--fewshot-k", type=_fewshot_ks, metavar="K,K,...",
+                       help="few-shot curve: K labelled training images per class for each K (e.g. 1,2,4,8,16; "
+                            "each at most 1024, at most 16 values), probed on the full test set; zero-shot as k=0")
+    probe.add_argument("--seeds", type=_fewshot_seeds, help="with --fewshot-k: draws per K, seeds --seed, --seed+1, ... "
+                                                           "(default 3, at most 100); mean and std over them")
+    probe.add_argument("--plot", type=Path, help="with --fewshot-k: write accuracy against K (PNG)")
     probe.set_defaults(func=run_linear_probe_command)
 
     knn = tasks.add_parser("knn", help="k-NN classifier on frozen image features (cosine, weighted vote)")
@@ -153,11 +160,37 @@ def run_retrieval_command(args) -> int:
 
 
 def run_linear_probe_command(args) -> int:
+    if args.fewshot_k is not None:
+        return _run_fewshot_command(args)
+    if args.seeds is not None or args.plot is not None:
+        from mmssl.errors import UserError
+
+        raise UserError("--seeds and --plot go with --fewshot-k")
     from eval.embed import load_model
     from eval.linear_probe import run_linear_probe
 
     result = run_linear_probe(load_model(args.checkpoint, args.precision), args.train, args.test,
                               args.batch_size, args.workers, args.seed, allow_remote=args.allow_remote)
+    _emit(result, args.output)
+
+
+def _run_fewshot_command(args) -> int:
+    from eval.embed import load_model
+    from eval.fewshot import DEFAULT_SEEDS, run_fewshot
+    from mmssl.errors import UserError
+
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: few-shot draw seeds must be >= 0")
+    seeds = range(args.seed, args.seed + (args.seeds or DEFAULT_SEEDS))
+    result = run_fewshot(load_model(args.checkpoint, args.precision), args.train, args.test, args.fewshot_k, seeds,
+                         args.batch_size, args.workers, allow_remote=args.allow_remote)["result"]
+    if args.plot:
+        from mmssl.report.plots import plot_fewshot
+
+        points = [result["metrics"][str(k)] for k in result["fewshot_k"]]
+        plot_fewshot(result["fewshot_k"], [p["lp_acc1_mean"] for p in points], [p["lp_acc1_std"] for p in points],
+                     args.plot, result["metrics"].get("0", {}).get("acc1"),
+                     title=f"Few-shot linear probe, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
     _emit(result, args.output)
 
 
@@ -219,6 +252,27 @@ def _nan_to_null(value):
     return value
 
 
+
+
+def _fewshot_ks(text: str) -> list:
+    from eval.fewshot import MAX_K, MAX_KS
+
+    values = [positive_int(part.strip()) for part in text.split(",")]
+    if len(values) > MAX_KS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_KS} values, got {len(values)}")
+    too_big = [value for value in values if value > MAX_K]
+    if too_big:
+        raise argparse.ArgumentTypeError(f"each K at most {MAX_K}, got {too_big[0]}")
+    return sorted(set(values))
+
+
+def _fewshot_seeds(text: str) -> int:
+    from eval.fewshot import MAX_SEEDS
+
+    value = positive_int(text)
+    if value > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SEEDS}, got {value}")
+    return value
 
 
 def _rerank_k(text: str) -> int:

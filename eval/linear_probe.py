@@ -97,20 +97,23 @@ def embed_train_test(loaded, train: str, test: str, batch_size: int, workers: in
                      needed_by: str) -> dict:
     """{"train": Embedded, "test": Embedded}: frozen, normalised image features of two labelled
     sets (a CLIP_benchmark folder is read at its train / test split); unlabelled data is refused."""
+    return {split: embed_labelled(loaded, data, split, batch_size, workers, allow_remote, needed_by)
+            for split, data in (("train", train), ("test", test))}
+
+
+def embed_labelled(loaded, data: str, split: str, batch_size: int, workers: int, allow_remote: bool,
+                   needed_by: str):
+    """Embedded features of one labelled set, a CLIP_benchmark folder read at `split`."""
     from eval.embed import embed_images, evaluation_mode, open_eval_data
     from mmssl.data.benchmark_layout import default_split
     from mmssl.errors import UserError
 
-    sets = {}
-    for split, data in (("train", train), ("test", test)):
-        batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote,
-                                 default_split(data, split))
-        with evaluation_mode(loaded.model):
-            embedded = embed_images(loaded, batches, split)
-        if embedded.labels is None:
-            raise UserError(f"{data}: samples carry no 'label' in their json; {needed_by} needs labels")
-        sets[split] = embedded
-    return sets
+    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, default_split(data, split))
+    with evaluation_mode(loaded.model):
+        embedded = embed_images(loaded, batches, split)
+    if embedded.labels is None:
+        raise UserError(f"{data}: samples carry no 'label' in their json; {needed_by} needs labels")
+    return embedded
 
 
 def run_linear_probe(loaded, train: str, test: str, batch_size: int = 256, workers: int = 2,

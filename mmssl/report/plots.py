@@ -59,6 +59,35 @@ def plot_accuracy(records: list, path: Path, num_classes: Optional[int] = None) 
     return _save(plt, figure, path)
 
 
+def plot_fewshot(ks: list, means: list, stds: list, path: Path, zeroshot_acc1: Optional[float] = None,
+                 title: str = "Few-shot linear probe") -> Path:
+    """Top-1 (%) against labelled images per class on a log2 axis, error bars one std over seeds;
+    zero-shot (k=0, which a log axis cannot place) as a dashed horizontal line."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=FIGSIZE)
+    axes.errorbar(ks, [100 * m for m in means], yerr=[100 * s for s in stds], marker="o", capsize=3,
+                  label="linear probe (mean ± std over seeds)")
+    if zeroshot_acc1 is not None:
+        axes.axhline(100 * zeroshot_acc1, color="grey", linestyle="--", label="zero-shot (k=0)")
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_locator(FixedLocator(ks))
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticklabels([str(k) for k in ks])
+    axes.set_xlabel("labelled training images per class (k)")
+    axes.set_ylabel("top-1 accuracy on test (%)")
+    axes.set_title(title)
+    axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def _save(plt, figure, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
