@@ -69,7 +69,7 @@ def run_synthetic(args) -> int:
 
     manifests = synthetic.generate(
         args.out, num_train=args.num_train, num_val=args.num_val, num_heldout=args.num_heldout,
-        num_binding=args.num_binding, shifts=args.shifts, image_size=args.image_size, seed=args.seed,
+        num_binding=args.num_binding, num_labelled=args.num_labelled, shifts=args.shifts, image_size=args.image_size, seed=args.seed,
         **_output_kwargs(args),
     )
     for split, manifest in manifests.items():
@@ -122,13 +122,16 @@ def register(subparsers) -> None:
     modes.required = True
 
     synthetic = modes.add_parser("synthetic", help="render the embedded synthetic world "
-                                                   "(train/val/heldout/binding/shift_*)")
+                                                   "(train/val/heldout/binding/labelled/shift_*)")
     synthetic.add_argument("--num-train", type=positive_int, default=20000)
     synthetic.add_argument("--num-val", type=positive_int, default=2000)
     synthetic.add_argument("--num-heldout", type=positive_int, default=None, help="default: num-val / 4")
     synthetic.add_argument("--num-binding", type=non_negative_int, default=None,
                            help="two-object scenes with attribute-swapped negative captions, for "
                                 "`mmssl eval caption-selection` (default: num-val / 4; 0: no binding split)")
+    synthetic.add_argument("--num-labelled", type=non_negative_int, default=None,
+                           help="class-balanced labelled one-object scenes of the seen pairs, the training set of "
+                                "`mmssl finetune` and few-shot probes (default: num-val; 0: no labelled split)")
     synthetic.add_argument("--shifts", type=_shift_names, default=SHIFT_NAMES,
                            help="comma-separated shifted copies of val to write as shift_NAME, for robustness: "
                                 "noise (Gaussian pixel noise), blur (Gaussian blur), background (unseen "

@@ -8,6 +8,8 @@ Six colour-shape pairs, one per shape with six different colours, never occur an
 `binding` holds two-object scenes (two seen pairs, different colours and different shapes) whose
 json lists the true caption first, then one negative per kind of attribute swap (colour, shape,
 position): caption selection scores whether a model binds each colour to its own shape and place.
+`labelled` is a labelled task's training set for fine-tuning and probes: one-object scenes like
+val's, class-balanced over the 42 seen pairs (row i shows pair i mod 42), labelled like val.
 `shift_noise`, `shift_blur` and `shift_background` re-render val's scenes (same objects, places,
 labels, captions and json) under one distribution shift each (SHIFTS), for robustness evaluation in
 the manner of ImageNet-C / -R: a model is scored on them exactly as on val.
@@ -52,7 +54,7 @@ HELDOUT_PAIRS = (
 # split code: part of each sample's seed (a shifted split's scene still comes from val's code;
 # its own code seeds only the shift)
 SPLITS = {"train": 0, "val": 1, "heldout": 2, "binding": 3, "shift_noise": 4, "shift_blur": 5,
-          "shift_background": 6}
+          "shift_background": 6, "labelled": 7}
 TEMPLATES = (
     "a {}",
     "a photo of a {}",
@@ -236,7 +238,8 @@ class SceneRenderer:
         if self.split == "binding":
             return self._binding_scene(rng)
         two = self.split == "train" and rng.random() < 0.5
-        objects, caption = self._two_objects(rng) if two else self._one_object(rng)
+        balanced = self.pairs[index % len(self.pairs)] if self.split == "labelled" else None
+        objects, caption = self._two_objects(rng) if two else self._one_object(rng, balanced)
         image = self._draw(rng, objects)
         if self.shift:
             shift_rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
@@ -249,8 +252,8 @@ class SceneRenderer:
             meta.update(obj, label=label_of(obj["colour"], obj["shape"]), classname=f"{obj['colour']} {obj['shape']}")
         return Sample(buffer.getvalue(), _articles(caption), meta)
 
-    def _object(self, rng) -> dict:
-        colour, shape = self.pairs[rng.integers(len(self.pairs))]
+    def _object(self, rng, pair=None) -> dict:
+        colour, shape = pair if pair is not None else self.pairs[rng.integers(len(self.pairs))]
         return {"colour": colour, "shape": shape, "size": "small" if rng.random() < 0.5 else "large"}
 
     def _radius(self, obj) -> float:
@@ -263,8 +266,8 @@ class SceneRenderer:
         y = rng.uniform(max(y_low, r), min(y_high, side - r))
         obj["x"], obj["y"] = round(float(x), 2), round(float(y), 2)
 
-    def _one_object(self, rng):
-        obj = self._object(rng)
+    def _one_object(self, rng, pair=None):
+        obj = self._object(rng, pair)
         row, col = int(rng.integers(3)), int(rng.integers(3))
         third = self.image_size / 3
         self._place(rng, obj, col * third, (col + 1) * third, row * third, (row + 1) * third)
@@ -351,6 +354,7 @@ def generate(
     num_val: int = 2000,
     num_heldout: int | None = None,
     num_binding: int | None = None,
+    num_labelled: int | None = None,
     shifts=tuple(SHIFTS),
     image_size: int = 64,
     seed: int = 0,
@@ -360,10 +364,10 @@ def generate(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Write `out_dir/{train,val,heldout,binding,shift_*}` shard folders; returns {split: manifest}.
+    """Write `out_dir/{train,val,heldout,binding,labelled,shift_*}` shard folders; returns {split: manifest}.
 
     `num_heldout` and `num_binding` default to num_val // 4; `num_binding=0` writes no binding
-    split. `shifts`: names of SHIFTS (or their comma-separated text, "none" for none), each written
+    split. `num_labelled` (default num_val; 0: none) is the class-balanced labelled split. `shifts`: names of SHIFTS (or their comma-separated text, "none" for none), each written
     as `shift_<name>` holding val's num_val scenes; empty writes none. classnames.txt and
     templates.txt go beside every split.
     """
@@ -380,6 +384,11 @@ def generate(
         raise UserError(f"--num-binding must be 0 (no binding split) or more, got {binding}")
     if binding:
         sizes["binding"] = binding
+    labelled = num_val if num_labelled is None else num_labelled
+    if labelled < 0:
+        raise UserError(f"--num-labelled must be 0 (no labelled split) or more, got {labelled}")
+    if labelled:
+        sizes["labelled"] = labelled
     if isinstance(shifts, str):  # the --shifts text: comma-separated names, "none" or "" for none
         shifts = [] if shifts.strip().lower() == "none" else [n.strip() for n in shifts.split(",") if n.strip()]
     unknown = [name for name in shifts if name not in SHIFTS]

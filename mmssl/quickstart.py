@@ -101,7 +101,7 @@ def plan(out: Path, profile: Profile) -> list[Step]:
         Step("prep", "Generate the synthetic world (train, val, heldout shards)",
              ["prep", "synthetic", "--out", str(data), "--num-train", str(profile.num_train),
               "--num-val", str(profile.num_val), "--num-heldout", str(profile.num_heldout), "--seed", "0",
-              "--shifts", "none"]),  # no step reads the shifted val copies: not rendered
+              "--shifts", "none", "--num-labelled", "0"]),  # no step reads the shifted or labelled splits
         Step("train", "Train the dual encoder (periodic zero-shot validation on val)",
              ["train", "--config", CONFIG, f"data.train={data / 'train'}", f"data.val={data / 'val'}",
               f"train.output={run_dir}", *profile.train_overrides]),

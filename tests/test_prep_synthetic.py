@@ -75,6 +75,27 @@ def test_labels_match_classnames_and_heldout_pairs_never_in_train(world):
     assert {m["classname"] for m in _all_json(world / "heldout")} == heldout
 
 
+def test_labelled_split_is_class_balanced_over_the_seen_pairs(world):
+    names = synthetic.classnames()
+    heldout = {f"{c} {s}" for c, s in synthetic.HELDOUT_PAIRS}
+    metas = _all_json(world / "labelled")
+    assert len(metas) == 96                                     # num_labelled defaults to num_val
+    counts = {}
+    for meta in metas:
+        assert names[meta["label"]] == meta["classname"] == f"{meta['colour']} {meta['shape']}"
+        counts[meta["classname"]] = counts.get(meta["classname"], 0) + 1
+    assert set(counts) == set(names) - heldout                  # all 42 seen pairs, no heldout pair
+    assert sorted(counts.values()) == [2] * 30 + [3] * 12       # 96 = 2 x 42 + 12: balanced
+    val_images = {s["jpg"] for tar in (world / "val").glob("*.tar") for s in _tar_samples(tar).values()}
+    labelled_images = {s["jpg"] for tar in (world / "labelled").glob("*.tar") for s in _tar_samples(tar).values()}
+    assert val_images.isdisjoint(labelled_images)               # other scenes than the test set's
+
+
+def test_num_labelled_zero_writes_none(tmp_path):
+    synthetic.generate(tmp_path, num_train=10, num_val=4, num_labelled=0, shifts=(), quiet=True)
+    assert not (tmp_path / "labelled").exists() and (tmp_path / "val").is_dir()
+
+
 def test_captions_describe_the_scene(world):
     checked = 0
     for tar in sorted((world / "train").glob("*.tar")):
@@ -232,7 +253,8 @@ def test_cli_shifts_option(tmp_path, capsys):
     assert exit_code(base + ["--out", str(tmp_path / "none"), "--shifts", "none"]) == 0
     assert exit_code(base + ["--out", str(tmp_path / "empty"), "--shifts", ""]) == 0
     for folder in ("none", "empty"):
-        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["binding", "heldout", "train", "val"]
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["binding", "heldout", "labelled", "train",
+                                                                         "val"]
     assert exit_code(base + ["--out", str(tmp_path / "two"), "--shifts", "background, noise"]) == 0
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("shift_")) == [
         "shift_background", "shift_noise"]
