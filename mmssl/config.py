@@ -31,7 +31,8 @@ IMAGE_ONLY_KINDS = ("simclr", "moco", "mae")               # their checkpoints h
 INPAINT_MODES = ("separate", "shared")
 SIMCLR_INPUTS = ("auto", "pooled", "projected")
 OPTIMIZERS = ("adamw", "muon")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means, and the device policy: mmssl.train.policy
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FINETUNE_OBJECTIVES = ("ce", "contrastive")  # what each means, and the device policy: mmssl.train.policy
 
 
 def check_values(section: str, values, rules) -> None:
@@ -271,12 +272,35 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`mmssl finetune` (mmssl.finetune): what the image tower and its class head are trained with.
+    `mmssl train` ignores this section."""
+
+    objective: str = "ce"             # ce: cross-entropy of a linear head initialised zero-shot;
+                                      # contrastive: FLYP (images against their class prompts, both towers)
+    label_smoothing: float = 0.0      # ce only
+    lp_steps: int = 0                 # LP-FT: the first N steps train the head alone (ce only)
+    classnames: Optional[list] = None  # written by mmssl finetune: the head's classes in label order
+
+    def __post_init__(self):
+        check_values("finetune", self, [
+            ("objective", self.objective in FINETUNE_OBJECTIVES, one_of(FINETUNE_OBJECTIVES)),
+            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "must be in [0, 1)"),
+            ("lp_steps", isinstance(self.lp_steps, int) and self.lp_steps >= 0, "must be an integer >= 0 (0: off)"),
+            ("lp_steps", self.lp_steps == 0 or self.objective == "ce", "LP-FT needs finetune.objective=ce"),
+            ("label_smoothing", self.label_smoothing == 0 or self.objective == "ce",
+             "label smoothing needs finetune.objective=ce"),
+        ])
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         if self.train.val_every and not self.data.val:

@@ -230,3 +230,13 @@ def moco_loss(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, te
     negative = queries @ F.normalize(queue, dim=-1).detach().T
     logits = torch.cat([positive, negative], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device))
+
+
+def class_contrastive_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """FLYP's loss: CLIP's symmetric InfoNCE between images and their class prompts, where every
+    pair of the same class is a positive (uniform soft target over them), so the batch's repeated
+    classes are not pushed apart as false negatives. `labels`: the class of each row/column."""
+    same = (labels[:, None] == labels[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_text.float(), targets))

@@ -69,8 +69,10 @@ NON_DEFAULT = {
               "warmup": 5, "grad_clip": None, "precision": "bf16", "compile": True, "seed": 7, "log_every": 2,
               "save_every": 10, "val_every": 5, "resume": "latest", "overwrite": False, "keep_checkpoints": 3,
               "tensorboard": True, "threads": 2},
+    "finetune": {"objective": "ce", "label_smoothing": 0.1, "lp_steps": 10, "classnames": ["a", "b"]},
 }
-AT_DEFAULT = {"train.overwrite"}  # train.resume is set, and a run takes only one of the two
+AT_DEFAULT = {"train.overwrite",  # train.resume is set, and a run takes only one of the two
+              "finetune.objective"}  # lp_steps and label smoothing need ce, the default
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

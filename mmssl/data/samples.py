@@ -73,21 +73,26 @@ class SampleDecoder:
     Captions come from `.txt`; when the json carries a `captions` list (COCO-style shards), one is
     picked per sample and epoch by a hash of (seed, epoch, key): deterministic, and it varies
     across epochs. `captions=False` (image-only objectives) reads no caption and returns None for
-    it; `views` (a `mmssl.data.views.TwoViews`) adds the sample's two augmented views.
+    it; `views` (a `mmssl.data.views.TwoViews`) adds the sample's two augmented views. `labels=True`
+    (fine-tuning on labelled shards) returns the sample's class label (`eval_targets`: json `label`
+    or `.cls`) in the caption's place; a sample without one is corrupt.
     """
 
     def __init__(self, transform: Callable, decode_size: Optional[int] = None, seed: int = 0,
-                 captions: bool = True, views=None):
+                 captions: bool = True, views=None, labels: bool = False):
         self.images = BatchedImageTransform(transform)
         self.decode_size = decode_size
         self.seed = seed
-        self.captions = captions
+        self.captions = captions and not labels
+        self.labels = labels
         self.views = views
         self.corrupt = 0
 
     def __call__(self, raw: dict, epoch: int = 0):
-        """(image tensor, caption, key) for training, plus (view 1, view 2) when `views` is set."""
+        """(image tensor, caption or label, key) for training, plus (view 1, view 2) when `views` is set."""
         caption = self.guarded(raw, self.caption, raw, epoch) if self.captions else None
+        if self.labels:
+            caption = self.guarded(raw, self.label, raw)
         key = raw.get("__key__")
         if self.views is None:
             return self.guarded(raw, self.image, raw), caption, key
@@ -114,6 +119,12 @@ class SampleDecoder:
         if data is None:
             raise CorruptSample("no image file")
         return admit_image(data, SHARD_LIMITS, self.decode_size)
+
+    def label(self, raw: dict) -> int:
+        label, _ = eval_targets(raw)
+        if label is None:
+            raise CorruptSample("no class label (json 'label' or .cls)")
+        return label
 
     def caption(self, raw: dict, epoch: int) -> str:
         meta = raw.get("json")

@@ -46,6 +46,7 @@ class TrainBatch(NamedTuple):
     keys: list                      # sample keys (str), for tracing and exact-resume checks
     captions: list                  # the caption (str) each text was tokenised from; None each without captions
     views: Optional[torch.Tensor] = None  # [2, B, 3, H, W] two augmented views per sample, only when asked
+    labels: Optional[torch.Tensor] = None  # [B] int64 class labels, only when asked (fine-tuning)
 
 
 @dataclass
@@ -83,7 +84,8 @@ class _TrainStream(IterableDataset):
         self.resampled = loader.resampled
         self.shuffle_buffer = loader.shuffle_buffer
         views = TwoViews(loader.views, loader.seed) if loader.views is not None else None
-        self.decoder = SampleDecoder(loader.transform, loader.decode_size, loader.seed, loader.captions, views)
+        self.decoder = SampleDecoder(loader.transform, loader.decode_size, loader.seed, loader.captions, views,
+                                     labels=loader.labels)
         self.tokenizer = CachedTokenizer(loader.tokenizer) if loader.tokenizer is not None else None
         self.cursors = cursors
         self.rotation = rotation
@@ -132,10 +134,12 @@ class _TrainStream(IterableDataset):
 
     def _collate(self, samples: list) -> TrainBatch:
         images, captions, keys, *views = zip(*samples)
-        captions = list(captions)
+        captions, labels = list(captions), None
+        if self.decoder.labels:
+            captions, labels = [None] * len(captions), torch.tensor(captions, dtype=torch.long)
         texts = self.tokenizer(captions) if self.tokenizer is not None and self.decoder.captions else None
         views = self.decoder.views.batch(list(views[0])) if views else None
-        return TrainBatch(self.decoder.images.batch(list(images)), texts, list(keys), captions, views)
+        return TrainBatch(self.decoder.images.batch(list(images)), texts, list(keys), captions, views, labels)
 
     def _raw_epoch(self, worker: int, epoch: int) -> Iterator[tuple[int, dict]]:
         """(pass, raw sample) for this slot's epoch, shuffled; endless (later passes refill corrupt ones)."""
@@ -231,6 +235,7 @@ class TrainLoader:
         allow_remote: bool = False,
         captions: bool = True,
         views: Optional[Callable] = None,
+        labels: bool = False,
     ):
         require(batch_size >= 1, f"batch size must be positive, got {batch_size}")
         self.groups = resolve_sources(source, need_counts=True, allow_remote=allow_remote)
@@ -252,6 +257,7 @@ class TrainLoader:
         )
         self.transform, self.tokenizer, self.decode_size = transform, tokenizer, decode_size
         self.captions, self.views = captions, views  # views: a PIL augmentation drawn twice per sample
+        self.labels = labels                         # class labels instead of captions (fine-tuning)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self._cursors = [Cursor() for _ in range(self.split.num_workers)]
@@ -324,6 +330,7 @@ class TrainLoader:
             "weights": self.weights,
             "shuffle_buffer": self.shuffle_buffer,
             **({"views": True} if self.views is not None else {}),
+            **({"labels": True} if self.labels else {}),
         }
 
 
@@ -339,11 +346,13 @@ def build_train_loader(
     world_size: Optional[int] = None,
     captions: bool = True,
     views: Optional[Callable] = None,
+    labels: bool = False,
 ) -> TrainLoader:
     """A `TrainLoader` from a `DataConfig` (train, train_weights, resampled, shuffle_buffer, workers).
 
     `captions=False` for image-only objectives; `views` (an augmentation) when an objective
-    contrasts two views of each image (`mmssl.data.views`)."""
+    contrasts two views of each image (`mmssl.data.views`); `labels=True` yields class labels in
+    `TrainBatch.labels` instead of captions (fine-tuning)."""
     if not data_config.train:
         raise UserError("no training data: set data.train (a shard folder, brace pattern or list)")
     return TrainLoader(
@@ -362,4 +371,5 @@ def build_train_loader(
         world_size=world_size,
         captions=captions,
         views=views,
+        labels=labels,
     )

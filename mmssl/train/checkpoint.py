@@ -77,6 +77,22 @@ def save_checkpoint(output: str | Path, step: int, state: dict, keep: int = 0) -
     then keep only the newest `keep` step files (0: all). A failed write raises UserError and
     leaves no temporary file; the previous checkpoint and latest.pt are untouched."""
     path = checkpoint_path(output, step)
+    write_torch_file(path, {**state, "step": step, "version": CHECKPOINT_VERSION})
+    try:
+        _point_latest(path)
+    except OSError as err:
+        reason = _os_reason(err) or _first_line(err)
+        raise UserError(f"cannot save checkpoint {path}: {reason}; nothing earlier was changed") from None
+    if keep:
+        for old in step_files(output)[keep:]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def write_torch_file(path: Path, payload: dict) -> Path:
+    """torch.save `payload` to `path` atomically (temporary file, fsync, rename, fsync the folder). A
+    failed write raises UserError and leaves no temporary file; an earlier `path` is untouched."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -84,19 +100,15 @@ def save_checkpoint(output: str | Path, step: int, state: dict, keep: int = 0) -
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save({**state, "step": step, "version": CHECKPOINT_VERSION}, handle)
+            torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        _point_latest(path)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
         reason = _os_reason(err) or _first_line(err)
         raise UserError(f"cannot save checkpoint {path}: {reason}; nothing earlier was changed") from None
-    if keep:
-        for old in step_files(output)[keep:]:
-            old.unlink(missing_ok=True)
     return path
 
 

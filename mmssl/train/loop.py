@@ -9,7 +9,8 @@ config section and interfaces, so tests and other callers can hand it their own 
   accumulation calls (`draw`, `encode`, `batch_feature_keys`, `batch_terms`, `aux_terms`, `total`; see
   `mmssl.objective` and `mmssl.train.accumulate`), and `heads_state_dict` /
   `load_heads_state_dict` for checkpoints;
-* loader: an endless iterable of batches with `.images` / `.texts` (and `.views` when asked), plus `state_dict`,
+* loader: an endless iterable of batches with `.images` / `.texts` (and `.views` when asked; `.labels`
+  instead of `.texts` for fine-tuning, `mmssl.finetune`), plus `state_dict`,
   `load_state_dict` and `corrupt_count` (see `mmssl.data.train_loader.TrainLoader`).
 
 Semantics worth knowing: `train.batch_size` is the contrastive batch of one rank per optimizer
@@ -211,7 +212,8 @@ class Trainer:
                 started = time.perf_counter()
                 batch = next(batches)
                 images = batch.images.to(self.device, non_blocking=True)
-                texts = None if batch.texts is None else batch.texts.to(self.device, non_blocking=True)
+                texts = _targets(batch)   # token ids, or a fine-tuning loader's class labels
+                texts = None if texts is None else texts.to(self.device, non_blocking=True)
                 views = getattr(batch, "views", None)   # [2, B, 3, H, W], only when the objective asked
                 views = None if views is None else views.to(self.device, non_blocking=True)
                 timer.waited(time.perf_counter() - started)
@@ -341,13 +343,22 @@ def _broadcast_parameters(module: torch.nn.Module, env: DistEnv) -> None:
         torch.distributed.broadcast(tensor.data, src=0)
 
 
+def _targets(batch) -> Optional[torch.Tensor]:
+    labels = getattr(batch, "labels", None)
+    return batch.texts if labels is None else labels
+
+
 def _average_gradients(params: list, env: DistEnv) -> None:
-    """Mean of every gradient over ranks, in one all-reduce (missing gradients count as zeros)."""
+    """Mean of every gradient over ranks, in one all-reduce (a gradient missing on some ranks counts
+    as zeros there; one missing on every rank stays None, so the optimizer skips that parameter as it
+    would in one process, e.g. the tower during LP-FT's head-only steps)."""
     if not env.is_distributed or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    present = torch.tensor([float(p.grad is not None) for p in params])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [present.to(grads[0].device)])
     torch.distributed.all_reduce(flat)
     flat /= env.world_size
-    for param, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
-        param.grad = chunk.view_as(param).to(param.dtype)
+    chunks = torch.split(flat, [g.numel() for g in grads] + [len(params)])
+    for param, chunk, seen in zip(params, chunks[:-1], chunks[-1].tolist()):
+        param.grad = chunk.view_as(param).to(param.dtype) if seen > 0 else None
