@@ -1,4 +1,4 @@
-"""`mmssl eval zeroshot | retrieval | linear-probe | knn | caption-selection | captioning | suite`: CLIP_benchmark-style
+"""`mmssl eval zeroshot | classify | retrieval | linear-probe | knn | caption-selection | captioning | suite`: CLIP_benchmark-style
 JSON on stdout (and --output); `suite` runs a datasets file for several models (eval/suite.py).
 
 Only argparse and pathlib at import time: torch, open_clip and FAISS load inside the handlers.
@@ -33,6 +33,14 @@ def register(subparsers) -> None:
     zeroshot.add_argument("--per-class", type=Path, help="write a per-class recall table (CSV)")
     zeroshot.add_argument("--confusion", type=Path, help="write a confusion-matrix image (PNG)")
     zeroshot.set_defaults(func=run_zeroshot_command)
+
+    classify = tasks.add_parser("classify", help="classify a labelled set with a fine-tuned checkpoint's class head")
+    _add_model_options(classify)
+    classify.add_argument("--data", required=True, help="labelled shards (folder/pattern), a CLIP_benchmark "
+                                                        "webdataset folder, or a class-folder tree")
+    _add_split_option(classify)
+    classify.add_argument("--per-class", type=Path, help="write a per-class recall table (CSV)")
+    classify.set_defaults(func=run_classify_command)
 
     retrieval = tasks.add_parser("retrieval", help="image<->text retrieval on a captioned set")
     _add_model_options(retrieval)
@@ -130,16 +138,44 @@ def run_zeroshot_command(args) -> int:
     from eval.zeroshot import run_zeroshot, write_confusion, write_per_class
     from mmssl.models.factory import require_text_tower
 
+    from eval.classify import load_classifier
+
     loaded = load_model(args.checkpoint, args.precision)
-    require_text_tower(loaded.model, "mmssl eval zeroshot")
-    outcome = run_zeroshot(loaded, args.data, args.classnames,
-                           args.templates, args.batch_size, args.workers, allow_remote=args.allow_remote,
-                           split=args.split)
+    # a fine-tuned checkpoint classifies through its head's class vectors, unless other classes are asked for
+    head = None if args.classnames or args.templates else load_classifier(args.checkpoint, required=False)
+    if head is not None:
+        outcome = _classify(loaded, head, args)
+        outcome["result"].update(task="zeroshot_classification", classifier="finetuned head")
+    else:
+        require_text_tower(loaded.model, "mmssl eval zeroshot")
+        outcome = run_zeroshot(loaded, args.data, args.classnames,
+                               args.templates, args.batch_size, args.workers, allow_remote=args.allow_remote,
+                               split=args.split)
     if args.per_class:
         write_per_class(args.per_class, outcome["logits"], outcome["labels"], outcome["classnames"])
     if args.confusion:
         write_confusion(args.confusion, outcome["logits"], outcome["labels"], outcome["classnames"])
     _emit(outcome["result"], args.output)
+
+
+def run_classify_command(args) -> int:
+    from eval.classify import load_classifier
+    from eval.embed import load_model
+    from eval.zeroshot import write_per_class
+
+    head = load_classifier(args.checkpoint)
+    outcome = _classify(load_model(args.checkpoint, args.precision), head, args)
+    if args.per_class:
+        write_per_class(args.per_class, outcome["logits"], outcome["labels"], outcome["classnames"])
+    _emit(outcome["result"], args.output)
+
+
+def _classify(loaded, head, args) -> dict:
+    from eval.classify import run_classify
+
+    outcome = run_classify(loaded, head, args.data, args.batch_size, args.workers,
+                           allow_remote=args.allow_remote, split=args.split)
+    return {**outcome, "classnames": head.classnames}
 
 
 def run_retrieval_command(args) -> int:

@@ -68,14 +68,7 @@ def run_zeroshot(loaded: LoadedModel, data: str, classnames_spec: Optional[str] 
 
 def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, workers, allow_remote, split) -> dict:
     batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, split)
-    benchmark = getattr(batches, "benchmark", None)
-    data_dir = None if benchmark else _data_folder(data)
-    names = benchmark.classnames() if benchmark and not classnames_spec else None
-    if benchmark and not classnames_spec and names is None:
-        raise UserError(f"{data}: no {CLASSNAMES_FILE} in {benchmark.root}; pass --classnames FILE")
-    classnames = load_classnames(classnames_spec, data_dir, getattr(batches, "classes", ()), defaults=names)
-    prompts = benchmark.templates() if benchmark and not templates_spec else None
-    templates = load_templates(templates_spec, data_dir, defaults=prompts)
+    classnames, templates = class_prompts(data, batches, classnames_spec, templates_spec)
 
     start = time.perf_counter()
     with precision_context(loaded):
@@ -102,6 +95,21 @@ def _run_zeroshot(loaded, data, classnames_spec, templates_spec, batch_size, wor
         "result": result, "logits": logits, "labels": labels, "classnames": classnames, "embedded": embedded,
         "seconds": seconds, "model_seconds": classifier_seconds + embedded.encode_seconds,
     }
+
+
+def class_prompts(data: str, batches, classnames_spec: Optional[str] = None,
+                  templates_spec: Optional[str] = None) -> tuple[list[str], list[Template]]:
+    """(class names, templates) of a labelled set opened by `open_eval_data`: the specs when given,
+    else a CLIP_benchmark folder's files, else the data folder's classnames.txt / templates.txt,
+    else a class-folder tree's folder names and OpenAI's templates."""
+    benchmark = getattr(batches, "benchmark", None)
+    data_dir = None if benchmark else _data_folder(data)
+    names = benchmark.classnames() if benchmark and not classnames_spec else None
+    if benchmark and not classnames_spec and names is None:
+        raise UserError(f"{data}: no {CLASSNAMES_FILE} in {benchmark.root}; pass --classnames FILE")
+    classnames = load_classnames(classnames_spec, data_dir, getattr(batches, "classes", ()), defaults=names)
+    prompts = benchmark.templates() if benchmark and not templates_spec else None
+    return classnames, load_templates(templates_spec, data_dir, defaults=prompts)
 
 
 def write_per_class(path: Path, logits: np.ndarray, labels: np.ndarray, classnames: Sequence[str]) -> None:

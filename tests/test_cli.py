@@ -111,7 +111,8 @@ def test_the_command_table_matches_what_the_modules_register():
 
 
 def test_nothing_in_mmssl_imports_eval_at_module_level():
-    """`mmssl` trains without `eval` (DESIGN.md): the validation hook's in-function import is the one way in."""
+    """`mmssl` trains without `eval` (DESIGN.md): the validation hook's in-function imports and those of
+    `mmssl finetune` (whose zero-shot head and scoring are eval's) are the only ways in."""
     def imports_eval(node) -> bool:
         if isinstance(node, ast.Import):
             return any(alias.name == "eval" or alias.name.startswith("eval.") for alias in node.names)
@@ -133,6 +134,6 @@ def test_nothing_in_mmssl_imports_eval_at_module_level():
     found = []
     for path in files:
         for lineno, in_function in walk(ast.parse(path.read_text(), filename=str(path))):
-            if not (in_function and path == allowed):
+            if not (in_function and (path == allowed or path.parent == package / "finetune")):
                 found.append(f"{path.relative_to(package.parent)}:{lineno}")
     assert found == []
