@@ -22,6 +22,7 @@ Prints one JSON object; partial results go to stderr as they come.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -165,8 +166,9 @@ def serve_with_rerank(checkpoint: Path, world: Path, work: Path, seconds: float,
 
     index = work / "serve_index"
     shutil.rmtree(index, ignore_errors=True)
-    assert mmssl_main(["index", "build", "--checkpoint", str(checkpoint), "--data", str(world / "val"),
-                       "--out", str(index), "--workers", "1"]) == 0
+    with contextlib.redirect_stdout(sys.stderr):   # its summary line would break the JSON on stdout
+        assert mmssl_main(["index", "build", "--checkpoint", str(checkpoint), "--data", str(world / "val"),
+                           "--out", str(index), "--workers", "1"]) == 0
     process, url = serve_load.start_server(index, threads=0, extra_args=["--rerank", "itm", "--rerank-k", str(RERANK_K)],
                                            log=work / "serve.log")     # a file: an unread pipe would fill
     try:
