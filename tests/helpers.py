@@ -310,3 +310,21 @@ def serving(searcher, host="127.0.0.1", **options):
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def colour_class_folders(root: Path, noise: float, size: int, counts=(("train", 10), ("test", 4)),
+                         split_in_name: bool = False) -> Path:
+    """ROOT/<split>/<class>/ ImageNet-style trees of noisy solid-colour PNGs, 3 classes (red_thing,
+    green_thing, blue_thing), `noise` the pixel std, seed 0."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"red_thing": (220, 30, 30), "green_thing": (30, 200, 40), "blue_thing": (30, 40, 220)}
+    for split, count in counts:
+        for name, colour in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / (f"{split}_{index}.png" if split_in_name else f"{index}.png"))
+    return root

@@ -38,15 +38,9 @@ def one_template(tmp_path_factory):
 @pytest.fixture(scope="module")
 def class_folders(tmp_path_factory):
     """train/ and test/ ImageNet-style trees of noisy solid-colour images, plus one corrupt file in test/."""
-    root = tmp_path_factory.mktemp("folders")
-    rng = np.random.default_rng(0)
-    colours = {"red_thing": (220, 30, 30), "green_thing": (30, 200, 40), "blue_thing": (30, 40, 220)}
-    for split, count in (("train", 10), ("test", 4)):
-        for name, colour in colours.items():
-            (root / split / name).mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+    from helpers import colour_class_folders
+
+    root = colour_class_folders(tmp_path_factory.mktemp("folders"), noise=25, size=64)
     (root / "test" / "red_thing" / "broken.jpg").write_bytes(b"not a jpeg at all")
     return root
 

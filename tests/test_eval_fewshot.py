@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import eval.fewshot as fewshot
 from eval.fewshot import (ONE_SHOT_WEIGHT_DECAY, check_shots, fewshot_curve, fewshot_indices, fewshot_probe,
@@ -151,16 +150,9 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, message):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """train/ (10 a class) and test/ (4 a class) trees of noisy solid-colour images, 3 classes."""
-    root = tmp_path_factory.mktemp("fewshot_folders")
-    rng = np.random.default_rng(0)
-    colours = {"red_thing": (220, 30, 30), "green_thing": (30, 200, 40), "blue_thing": (30, 40, 220)}
-    for split, count in (("train", 10), ("test", 4)):
-        for name, colour in colours.items():
-            (root / split / name).mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{split}_{index}.png")
-    return root
+    from helpers import colour_class_folders
+
+    return colour_class_folders(tmp_path_factory.mktemp("fewshot_folders"), noise=60, size=32, split_in_name=True)
 
 
 @pytest.fixture(scope="module")
