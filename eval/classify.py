@@ -25,16 +25,16 @@ class SavedClassifier:
     classnames: list
 
 
-def load_classifier(checkpoint: str, required: bool = True, head: str = "classifier") -> Optional[SavedClassifier]:
+def load_classifier(checkpoint: str, required: bool = True) -> Optional[SavedClassifier]:
     """The class head an mmssl checkpoint saved (`mmssl finetune`); None (or a UserError when
     `required`) for a checkpoint without one."""
-    from mmssl.finetune.objective import ClassHead
+    from mmssl.finetune.objective import HEAD, ClassHead
     from mmssl.models.refs import checkpoint_ref, read_checkpoint
 
     ref = checkpoint_ref(checkpoint)
     payload = read_checkpoint(ref.path) if ref.is_checkpoint else {}
     heads = payload.get("heads") if isinstance(payload.get("heads"), dict) else {}
-    state = heads.get(head)
+    state = heads.get(HEAD)
     if state is None:
         if required:
             raise UserError(f"{checkpoint} has no class head: fine-tune it first (mmssl finetune)")
@@ -60,15 +60,13 @@ def head_logits(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
 
 
 def run_classify(loaded: LoadedModel, classifier: SavedClassifier, data: str, batch_size: int = 256,
-                 workers: int = 2, allow_remote: bool = False, split: Optional[str] = None,
-                 embedded=None) -> dict:
+                 workers: int = 2, allow_remote: bool = False, split: Optional[str] = None) -> dict:
     """Evaluate the head on one labelled set: {"result": CLIP_benchmark-shaped dict, "logits",
-    "labels", "embedded"}. `embedded`: features of `data` already computed with this model."""
+    "labels", "embedded"}."""
     start = time.perf_counter()
-    if embedded is None:
-        batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, split)
-        with evaluation_mode(loaded.model):
-            embedded = embed_images(loaded, batches)
+    batches = open_eval_data(data, loaded.transform, batch_size, workers, allow_remote, split)
+    with evaluation_mode(loaded.model):
+        embedded = embed_images(loaded, batches)
     if embedded.labels is None:
         raise UserError(f"{data}: samples carry no 'label' in their json; classification needs labels")
     num_classes = len(classifier.classnames)

@@ -31,7 +31,7 @@ def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Seq
     """
     if not classnames or not templates:
         raise ValueError("build_classifier needs at least one class name and one template")
-    prompts = [_fill(template, name) for name in classnames for template in templates]
+    prompts = class_prompt_texts(classnames, templates)
     encoded = []
     with torch.inference_mode():
         device = next(model.parameters()).device
@@ -150,8 +150,10 @@ def write_confusion(path: Path, logits: np.ndarray, labels: np.ndarray, classnam
     plt.close(figure)
 
 
-def _fill(template, classname: str) -> str:
-    return template(classname) if callable(template) else template.replace("{}", classname)
+def class_prompt_texts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:
+    """Every class x template prompt, class-major (the order build_classifier averages over)."""
+    return [template(name) if callable(template) else template.replace("{}", name)
+            for name in classnames for template in templates]
 
 
 def _data_folder(data: str) -> Optional[Path]:

@@ -216,6 +216,32 @@ def test_bad_inputs_exit_2_with_one_line(world, source, tmp_path, capsys):
     assert exit_code(["eval", "classify", "--checkpoint", str(source), "--data", str(world / "syn" / "val")]) == 2
     assert "has no class head" in _one_line(capsys)
 
+    assert exit_code(cli(world, source, tmp_path / "e", "train.steps=1", "--wise", "0:1:0.001")) == 2
+    assert "gives 1001 alphas (1..101)" in capsys.readouterr().err
+    assert exit_code(["wise", "--zeroshot", str(source), "--finetuned", str(source), "--alpha", "0.5",
+                      "--out", str(tmp_path / "w.pt")]) == 2
+    assert "has no class heads" in _one_line(capsys)
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_a_hostile_class_head_is_refused_in_one_line(world, source, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert exit_code(cli(world, source, out, "train.steps=1")) == 0
+    capsys.readouterr()
+    payload = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    data = str(world / "syn" / "heldout")
+    for name, change in (("names", lambda p: p["config"]["finetune"].update(classnames=["a", "b"])),
+                         ("shape", lambda p: p["heads"]["classifier"].update(weight=torch.zeros(48))),
+                         ("type", lambda p: p["heads"].update(classifier=[1, 2, 3]))):
+        hostile = {**payload, "config": {**payload["config"], "finetune": dict(payload["config"]["finetune"])},
+                   "heads": {key: dict(value) if isinstance(value, dict) else value
+                             for key, value in payload["heads"].items()}}
+        change(hostile)
+        path = tmp_path / f"{name}.pt"
+        torch.save(hostile, path)
+        assert exit_code(["eval", "classify", "--checkpoint", str(path), "--data", data, "--workers", "0"]) == 2, name
+        assert "does not match its finetune.classnames" in _one_line(capsys), name
+
 
 def test_out_of_range_training_labels_stop_with_a_clear_error(world, source, tmp_path):
     from mmssl.errors import UserError

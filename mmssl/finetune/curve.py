@@ -74,10 +74,10 @@ def plot_curve(curve: dict, path: Path) -> None:
 
 
 def _write_chosen(start, finetuned_model, finetuned_head, config_record: dict, alpha: float, out: Path) -> Path:
-    from mmssl.finetune.objective import ZEROSHOT_HEAD
+    from mmssl.finetune.objective import HEAD, ZEROSHOT_HEAD
     from mmssl.finetune.wise import wise_payload
     from mmssl.train.checkpoint import write_torch_file
 
     finetuned = {"model": finetuned_model, "config": config_record,
-                 "heads": {"classifier": finetuned_head, ZEROSHOT_HEAD: start["head"]}}
+                 "heads": {HEAD: finetuned_head, ZEROSHOT_HEAD: start["head"]}}
     return write_torch_file(out / f"alpha_{alpha:g}.pt", wise_payload(start["model"], finetuned, alpha))

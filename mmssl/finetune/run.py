@@ -45,7 +45,7 @@ def build_finetuner(cfg, args, env):
     zero-shot head before any step, the alpha = 0 end of WiSE-FT."""
     import mmssl
     from eval.embed import LoadedModel, open_eval_data
-    from eval.zeroshot import build_classifier, class_prompts
+    from eval.zeroshot import build_classifier, class_prompt_texts, class_prompts
     from mmssl.config import to_dict
     from mmssl.data.train_loader import build_train_loader
     from mmssl.finetune.objective import FinetuneObjective
@@ -85,8 +85,7 @@ def build_finetuner(cfg, args, env):
     model.eval()
     with autocast(precision, env.device):
         class_vectors = build_classifier(model, model.tokenizer, classnames, templates).to(env.device)
-    prompts = [t(name) if callable(t) else t.replace("{}", name) for name in classnames for t in templates]
-    tokens = model.tokenizer(prompts) if cfg.finetune.objective == "contrastive" else None
+    tokens = model.tokenizer(class_prompt_texts(classnames, templates)) if cfg.finetune.objective == "contrastive" else None
     objective = FinetuneObjective(model, class_vectors, cfg.finetune, prompt_tokens=tokens, templates=templates,
                                   precision=precision, rank=env.rank, world_size=env.world_size).to(env.device)
     start = {"model": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
