@@ -69,6 +69,18 @@ def test_coca_names_build_as_open_clip_coca():
     assert ours.open_clip_config["multimodal_cfg"]["layers"] == 2 and ours.open_clip_config["custom_text"]
 
 
+def test_coca_decoder_projection_is_initialised_from_the_seed():
+    # open_clip leaves text_decoder.text_projection as torch.empty memory: zeros, garbage or NaN
+    projections = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        projections.append(mmssl.create_model("tiny-coca-64").text_decoder.text_projection.detach())
+    width = projections[0].shape[0]
+    assert torch.equal(projections[0], projections[1])
+    assert projections[0].std().item() == pytest.approx(width ** -0.5, rel=0.05)
+    assert abs(projections[0].mean().item()) < 0.01
+
+
 def test_caption_term_is_coca_loss_on_the_models_own_outputs(world, tmp_path):
     from open_clip.loss import CoCaLoss
 

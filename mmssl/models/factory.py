@@ -218,6 +218,12 @@ def _instantiate(name: str, oc_cfg: dict) -> torch.nn.Module:
             model = model_class(**kwargs)
     except TypeError as err:
         raise UserError(f"model {name}: bad model config ({err})") from None
+    if model_class is CoCa:
+        # open_clip's MultimodalTransformer never initialises its text_projection (its init_parameters
+        # is never called, and fails if called): the weight would be torch.empty memory, zeros, garbage
+        # or NaN from run to run. Give it the std that init_parameters meant, width ** -0.5.
+        decoder = model.text_decoder
+        torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
     preprocess = asdict(PreprocessCfg())
     preprocess.update(oc_cfg.get("preprocess_cfg", {}))
     preprocess["size"] = model.visual.image_size
