@@ -26,8 +26,12 @@ from mmssl.errors import UserError
 # the installed `mmssl.configs` package: the repo's configs/ in an editable install, mmssl/configs in a wheel
 BUNDLED_DIR = Path(mmssl.configs.__file__).resolve().parent
 
-LOSS_KINDS = ("clip", "siglip", "simclr", "moco", "mae")   # simclr / moco / mae: the image tower alone
-IMAGE_ONLY_KINDS = ("simclr", "moco", "mae")               # their checkpoints have no trained text tower
+PRETEXT_KINDS = ("rotation", "jigsaw", "colorize", "deepcluster")   # the classic pretext tasks (mmssl.heads.pretext)
+IMAGE_ONLY_KINDS = ("simclr", "moco", "mae") + PRETEXT_KINDS      # the image tower alone: no trained text tower
+LOSS_KINDS = ("clip", "siglip") + IMAGE_ONLY_KINDS
+WEIGHTINGS = ("fixed", "uncertainty")
+JIGSAW_TILES = ("auto", "tokens", "crops")
+COLORIZE_TARGETS = ("ab", "rgb")
 INPAINT_MODES = ("separate", "shared")
 SIMCLR_INPUTS = ("auto", "pooled", "projected")
 OPTIMIZERS = ("adamw", "muon")
@@ -112,10 +116,16 @@ class LossConfig:
     moco_temperature: float = 0.2
     itm_weight: float = 0.0       # image-text matching on hard negatives (ALBEF), fusion head heads.itm
     caption_weight: float = 0.0   # CoCa captioning: next-token cross-entropy of a decoder heads.caption
+    rotation_weight: float = 0.0  # RotNet: 4-way classification of the image turned 0/90/180/270 degrees
+    jigsaw_weight: float = 0.0    # jigsaw: which of heads.jigsaw.permutations shuffled the 3x3 tiles
+    colorize_weight: float = 0.0  # colourization: the colour of each patch from the grayscale image
+    deepcluster_weight: float = 0.0  # DeepCluster: predict the k-means cluster of the image's features
+    weighting: str = "fixed"      # fixed: the weights above | uncertainty: learned log-variances (Kendall 2018)
 
     def __post_init__(self):
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
-        check_values("loss", self, [("kind", self.kind in LOSS_KINDS, one_of(LOSS_KINDS))] + [
+        check_values("loss", self, [("kind", self.kind in LOSS_KINDS, one_of(LOSS_KINDS)),
+                                    ("weighting", self.weighting in WEIGHTINGS, one_of(WEIGHTINGS))] + [
             (name, getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), "must be >= 0 (0: off)")
             for name in weights] + [
             ("simclr_temperature", _finite_positive(self.simclr_temperature), "must be > 0"),
@@ -209,12 +219,88 @@ class CaptionHeadConfig:
 
 
 @dataclass
+class RotationHeadConfig:
+    """RotNet's classifier (mmssl.heads.rotation) on the image tower's embedding."""
+
+    hidden_dim: int = 256         # one hidden layer (LayerNorm, ReLU); 0: a linear classifier
+
+    def __post_init__(self):
+        check_values("heads.rotation", self, [
+            ("hidden_dim", isinstance(self.hidden_dim, int) and self.hidden_dim >= 0, "must be an integer >= 0"),
+        ])
+
+
+@dataclass
+class JigsawHeadConfig:
+    """The jigsaw puzzle (mmssl.heads.jigsaw): 3x3 tiles, a fixed set of maximal-Hamming permutations."""
+
+    permutations: int = 100       # classes: a fixed, seeded set of that many of the 9! orders
+    tiles: str = "auto"           # tokens: one ViT pass, patch tokens pooled per tile | crops: each tile
+                                  # through the tower (any tower) | auto: tokens where the patch grid splits in 3
+    jitter: float = 0.1           # crops: each tile cropped up to this fraction smaller, at a random offset
+    hidden_dim: int = 512         # the MLP over the 9 concatenated tile embeddings
+
+    def __post_init__(self):
+        check_values("heads.jigsaw", self, [
+            ("permutations", isinstance(self.permutations, int) and 2 <= self.permutations <= 1000,
+             "must be an integer in [2, 1000]"),
+            ("tiles", self.tiles in JIGSAW_TILES, one_of(JIGSAW_TILES)),
+            ("jitter", 0.0 <= self.jitter < 0.5, "must be in [0, 0.5)"),
+            ("hidden_dim", isinstance(self.hidden_dim, int) and self.hidden_dim >= 1, "must be an integer >= 1"),
+        ])
+
+
+@dataclass
+class ColorizeHeadConfig:
+    """Colourization (mmssl.heads.colorize): a light decoder from the grayscale image's tokens to colour."""
+
+    target: str = "ab"            # ab: the Lab colour channels (lightness is the input) | rgb
+    decoder_depth: int = 1
+    decoder_width: int = 128
+    decoder_heads: int = 4
+
+    def __post_init__(self):
+        check_values("heads.colorize", self, [
+            ("target", self.target in COLORIZE_TARGETS, one_of(COLORIZE_TARGETS)),
+            ("decoder_depth", isinstance(self.decoder_depth, int) and self.decoder_depth >= 0, "must be an integer >= 0"),
+            ("decoder_heads", self.decoder_heads >= 1, "must be >= 1"),
+            ("decoder_width", self.decoder_width >= 4 and self.decoder_width % self.decoder_heads == 0,
+             "must be >= 4 and a multiple of decoder_heads"),
+        ])
+
+
+@dataclass
+class DeepClusterHeadConfig:
+    """DeepCluster (mmssl.heads.deepcluster): k-means pseudo-labels of a fixed sample of training images."""
+
+    k: int = 64                   # clusters (the classifier's classes)
+    every_steps: int = 50         # re-cluster (and re-initialise the classifier) every N steps, from step 0
+    sample: int = 2048            # training images embedded and clustered: the first N of data.train
+    pca_dim: int = 32             # PCA-whitened dimension before k-means (0: no PCA)
+    niter: int = 20               # k-means iterations
+
+    def __post_init__(self):
+        check_values("heads.deepcluster", self, [
+            ("k", isinstance(self.k, int) and self.k >= 2, "must be an integer >= 2"),
+            ("every_steps", isinstance(self.every_steps, int) and self.every_steps >= 1, "must be an integer >= 1"),
+            ("sample", isinstance(self.sample, int) and self.sample >= self.k and self.sample <= 1_000_000,
+             "must be an integer in [heads.deepcluster.k, 1000000]"),
+            ("pca_dim", isinstance(self.pca_dim, int) and self.pca_dim >= 0, "must be an integer >= 0 (0: no PCA)"),
+            ("niter", isinstance(self.niter, int) and self.niter >= 1, "must be an integer >= 1"),
+        ])
+
+
+@dataclass
 class HeadsConfig:
     mlm: MLMHeadConfig = field(default_factory=MLMHeadConfig)
     inpaint: InpaintHeadConfig = field(default_factory=InpaintHeadConfig)
     simclr: SimCLRHeadConfig = field(default_factory=SimCLRHeadConfig)
     itm: ItmHeadConfig = field(default_factory=ItmHeadConfig)
     caption: CaptionHeadConfig = field(default_factory=CaptionHeadConfig)
+    rotation: RotationHeadConfig = field(default_factory=RotationHeadConfig)
+    jigsaw: JigsawHeadConfig = field(default_factory=JigsawHeadConfig)
+    colorize: ColorizeHeadConfig = field(default_factory=ColorizeHeadConfig)
+    deepcluster: DeepClusterHeadConfig = field(default_factory=DeepClusterHeadConfig)
 
 
 @dataclass

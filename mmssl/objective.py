@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.config import IMAGE_ONLY_KINDS
+from mmssl.config import IMAGE_ONLY_KINDS, PRETEXT_KINDS
 from mmssl.errors import UserError
 from mmssl.heads import InpaintHead, MLMHead
 from mmssl.heads.caption import CaptionDraw, CaptionHead
@@ -184,6 +184,35 @@ def _caption(objective, images, texts, outputs, draws):
                                                draws.masks["caption_loss"].tokens)
 
 
+def _build_pretext(head: str):
+    """The head of a pretext task, from its module `mmssl.heads.<head>` (class `PRETEXT_HEAD`)."""
+    def build(model, cfg, heads):
+        import importlib
+
+        module = importlib.import_module(f"mmssl.heads.{head}")
+        return module.PRETEXT_HEAD(model, getattr(heads, head))
+    return build
+
+
+def _pretext_draw(head: str):
+    def draw(objective, images, texts, step):
+        return objective.heads[head].draw(objective.model, images, step)
+    return draw
+
+
+def _pretext_loss(head: str, name: str):
+    def compute(objective, images, texts, outputs, draws):
+        return objective.heads[head].loss(objective.model, images, draws.masks.get(name), draws.batch_size)
+    return compute
+
+
+def _pretext_term(head: str) -> "Term":
+    """A classic pretext task: an image-only head with the pretext protocol (mmssl.heads.pretext)."""
+    name = f"{head}_loss"
+    return Term(name, f"{head}_weight", head, _build_pretext(head), _pretext_loss(head, name), _pretext_draw(head),
+                kinds=(head,))
+
+
 TERMS = (
     Term("mlm_loss", "mlm_weight", "mlm", lambda model, cfg, heads: MLMHead(model, heads.mlm), _mlm, _draw_mlm),
     Term("inpaint_loss", "inpaint_weight", "inpaint",
@@ -196,6 +225,7 @@ TERMS = (
          feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
     Term("caption_loss", "caption_weight", "caption", lambda model, cfg, heads: _caption_head(model, heads),
          _caption, _draw_caption, feature_keys=("image_tokens", "text_tokens"), pair_tokens=True),
+    *(_pretext_term(head) for head in PRETEXT_KINDS),
 )
 
 
@@ -257,6 +287,12 @@ class Objective(nn.Module):
         self.simclr_temperature = cfg.loss.simclr_temperature
         heads = _resolve_heads(cfg)
         self.heads = nn.ModuleDict({term.head: term.build_head(model, cfg, heads) for term in self.terms})
+        if cfg.loss.weighting == "uncertainty":
+            names = ([] if self.image_only else ["contrastive_loss"]) + [term.name for term in self.terms]
+            if len(names) < 2:
+                raise UserError("loss.weighting=uncertainty weighs several terms against each other; this "
+                                "objective has one: turn on a second term or use loss.weighting=fixed")
+            self.heads["weighting"] = UncertaintyWeights(names)
         self.contrastive = build_contrastive_loss(cfg.loss, rank, world_size)
         self.siglip = cfg.loss.kind == "siglip"
         if self.siglip and getattr(model, "logit_bias", None) is None:
@@ -389,14 +425,31 @@ class Objective(nn.Module):
                     values[term.name] = value.float()
         return values
 
-    def total(self, terms: dict) -> torch.Tensor:
-        """contrastive_loss (weight 1, if present) + each auxiliary term times its weight, in fp32."""
-        unknown = sorted(set(terms) - set(self.weights) - {"contrastive_loss", "loss"})
+    @property
+    def uncertainty(self) -> Optional["UncertaintyWeights"]:
+        return self.heads["weighting"] if "weighting" in self.heads else None
+
+    def total(self, terms: dict, penalty: bool = True) -> torch.Tensor:
+        """contrastive_loss (weight 1, if present) + each auxiliary term times its weight, in fp32.
+
+        With loss.weighting=uncertainty each weighted term t is scaled by 0.5 exp(-s_t) and, when
+        `penalty`, 0.5 s_t is added (`UncertaintyWeights`); gradient accumulation adds the penalty of
+        its additive terms once, not once per micro-batch. Logged-only keys ("logvar_*") are skipped.
+        """
+        losses = {name: value for name, value in terms.items() if not name.startswith(LOGGED_ONLY)}
+        unknown = sorted(set(losses) - set(self.weights) - {"contrastive_loss", "loss"})
         if unknown:
             raise KeyError(f"no weight for loss term {unknown[0]!r}: add it to mmssl.objective.TERMS")
-        parts = [terms["contrastive_loss"].float()] if "contrastive_loss" in terms else []
-        parts += [weight * terms[name] for name, weight in self.weights.items() if name in terms]
+        weighted = {"contrastive_loss": losses["contrastive_loss"].float()} if "contrastive_loss" in losses else {}
+        weighted.update({name: weight * losses[name] for name, weight in self.weights.items() if name in losses})
+        if self.uncertainty is not None:
+            return self.uncertainty.total(weighted, penalty=penalty)
+        parts = list(weighted.values())
         return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+
+    def logged_weights(self) -> dict:
+        """The learned log-variances, logged with the terms ("logvar_<term>"); empty with fixed weights."""
+        return {} if self.uncertainty is None else self.uncertainty.logged()
 
     # ---- one step on a whole batch --------------------------------------------------------
     def forward(self, images: torch.Tensor, texts: torch.Tensor, step: Optional[int] = None, views=None) -> dict:
@@ -404,6 +457,7 @@ class Objective(nn.Module):
         outputs = self.encode(images, texts, draws, views)
         terms = {**self.batch_terms(outputs, draws), **self.aux_terms(images, texts, outputs, draws)}
         terms["loss"] = self.total(terms)
+        terms.update(self.logged_weights())
         self.end_step(draws)
         return terms
 
@@ -417,6 +471,43 @@ class Objective(nn.Module):
         for name, head in self.heads.items():
             if name in state:
                 head.load_state_dict(state[name])
+
+
+LOGGED_ONLY = "logvar_"   # terms-dict keys that are logged but are not losses
+
+
+class UncertaintyWeights(nn.Module):
+    """Learned homoscedastic-uncertainty weights (Kendall, Gal and Cipolla 2018, arXiv:1705.07115).
+
+    One log-variance s_t = log sigma_t^2 per term, initialised at 0 (every term at its fixed weight):
+
+        total = sum_t 0.5 exp(-s_t) L_t + 0.5 s_t
+
+    (L_t is the term times its fixed weight), so d total / d s_t = 0.5 (1 - exp(-s_t) L_t): a term's
+    weight falls where its loss stays high. Saved with the heads (`heads["weighting"]`), never exported.
+    """
+
+    def __init__(self, names: list):
+        super().__init__()
+        self.names = list(names)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
+
+    def total(self, weighted: dict, penalty: bool = True) -> torch.Tensor:
+        parts = []
+        for index, name in enumerate(self.names):
+            if name in weighted:
+                s = self.log_vars[index]
+                parts.append(0.5 * torch.exp(-s) * weighted[name].float() + (0.5 * s if penalty else 0.0))
+        return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+
+    def penalty(self, names) -> torch.Tensor:
+        """0.5 s_t summed over `names` (accumulation adds it once for its additive terms)."""
+        picked = [self.log_vars[self.names.index(name)] for name in names if name in self.names]
+        return 0.5 * torch.stack(picked).sum() if picked else self.log_vars.sum() * 0.0
+
+    def logged(self) -> dict:
+        values = self.log_vars.detach()
+        return {f"{LOGGED_ONLY}{name}": values[index] for index, name in enumerate(self.names)}
 
 
 def _gather_constants(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -453,7 +544,7 @@ def _check_coca(cfg) -> None:
 
 
 def _check_image_only(cfg) -> None:
-    """loss.kind=simclr|moco trains the image tower alone: refuse the settings that need captions."""
+    """loss.kind=simclr|moco|mae|<pretext> trains the image tower alone: refuse the settings that need captions."""
     kind = cfg.loss.kind
     if cfg.loss.simclr_weight > 0:
         raise UserError(f"loss.simclr_weight adds SimCLR to an image-text loss; with loss.kind={kind} "
@@ -465,6 +556,9 @@ def _check_image_only(cfg) -> None:
     if cfg.loss.distill_alpha > 0 or cfg.loss.queue_size > 0 and kind != "moco":
         raise UserError(f"loss.distill_alpha and loss.queue_size (but moco's) are image-text options; "
                         f"loss.kind={kind} trains the image tower alone")
+    if kind in PRETEXT_KINDS and getattr(cfg.loss, f"{kind}_weight") > 0:
+        raise UserError(f"loss.kind={kind} makes the {kind} term the loss (weight 1): leave loss.{kind}_weight at 0 "
+                        "(the other pretext weights add terms to it)")
     if kind == "mae" and (cfg.loss.inpaint_weight > 0 or cfg.heads.inpaint.mode == "shared"):
         raise UserError("loss.kind=mae is inpainting alone (weight 1, its own encoder pass): leave "
                         "loss.inpaint_weight at 0 and heads.inpaint.mode at separate")

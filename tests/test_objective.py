@@ -118,7 +118,7 @@ def test_config_errors(micro_json, tmp_path):
         build(micro_json, "loss.inpaint_weight=1", "heads.inpaint.mode=shared", "model.patch_dropout=0.5")
     with pytest.raises(UserError, match=r"bad value for heads.inpaint.mode: 'both' \(must be one of separate, shared\)"):
         build(micro_json, "loss.inpaint_weight=1", "heads.inpaint.mode=both")
-    with pytest.raises(UserError, match=r"bad value for loss.kind: 'sigmoid' \(must be one of clip, siglip, simclr, moco, mae\)"):
+    with pytest.raises(UserError, match=r"bad value for loss.kind: 'sigmoid' \(must be one of clip, siglip, simclr, moco, mae, rotation, jigsaw, colorize, deepcluster\)"):
         build(micro_json, "loss.kind=sigmoid")
     from mmssl.objective import BUILT
     for option in ("loss.kind=simclr", "loss.kind=moco", "loss.simclr_weight", "loss.queue_size", "loss.distill_alpha"):

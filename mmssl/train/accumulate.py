@@ -38,9 +38,11 @@ def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torc
 
     leaves = _feature_leaves(cached, keys)
     whole = objective.batch_terms(_whole_batch(leaves, keys), draws)
-    objective.total(whole).backward()
+    if whole:   # none when every term is additive (an image-only pretext task, loss.kind=mae)
+        objective.total(whole).backward()
 
     aux_totals: dict = {}
+    penalised_names: set = set()
     for index, (start, stop) in enumerate(bounds):
         _set_rng_state(rng_states[index], images.device)
         image_rows, text_rows, rows = images[start:stop], _rows(texts, start, stop), draws.rows(start, stop)
@@ -48,13 +50,18 @@ def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torc
         aux = objective.aux_terms(image_rows, text_rows, outputs, rows)
         surrogate = _surrogate(outputs, leaves, keys, index, include_scalars=index == 0)
         if aux:
-            surrogate = surrogate + objective.total(aux)
+            surrogate = surrogate + objective.total(aux, penalty=False)
+            penalised = set(aux) - penalised_names
+            if penalised and objective.uncertainty is not None:   # the additive terms' 0.5 s_t, once a step
+                surrogate = surrogate + objective.uncertainty.penalty(sorted(penalised))
+                penalised_names |= penalised
         surrogate.backward()
         for name, value in aux.items():
             aux_totals[name] = aux_totals.get(name, 0.0) + value.detach()
 
     terms = {**{name: value.detach() for name, value in whole.items()}, **aux_totals}
     terms["loss"] = objective.total(terms)
+    terms.update(objective.logged_weights())
     objective.end_step(draws)
     return terms
 
