@@ -61,3 +61,30 @@ def test_torchrun_two_cpu_processes(tmp_path):
     saved = torch.load(folder / "latest.pt", weights_only=True)
     assert saved["world_size"] == 2 and len(saved["data"]) == len(saved["rng"]) == 2
     assert [d["step"] for d in saved["data"]] == [4, 4]  # each rank consumed 4 batches of its own slot
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_torchrun_pretext_tasks_with_learned_weights(tmp_path):
+    """Image-only pretext terms under torchrun: every term is a per-image mean, so the ranks' mean is
+    the global batch's loss; the learned log-variances stay identical on both ranks (one checkpoint)."""
+    assert main(["prep", "synthetic", "--out", str(tmp_path / "syn"), "--num-train", "160", "--num-val", "48",
+                 "--quiet"]) == 0
+    write_micro_model(tmp_path)
+    overrides = [f"model.name={tmp_path / 'micro.json'}", f"data.train={tmp_path / 'syn/train'}", "data.val=null",
+                 "data.workers=0", "data.shuffle_buffer=32", f"train.output={tmp_path / 'run'}",
+                 "train.batch_size=4", "train.steps=2", "train.warmup=1", "train.log_every=1",
+                 "train.save_every=0", "train.precision=fp32", "loss.kind=rotation", "loss.colorize_weight=1",
+                 "loss.weighting=uncertainty", "heads.colorize.decoder_depth=0"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmssl", "train",
+                           "--config", "tiny", *overrides], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, [line for line in done.stderr.splitlines() if "Error" in line or "mmssl" in line]
+    records = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["loss"] == pytest.approx(first_global_batch_loss(load_config("tiny", overrides)), abs=1e-5)
+    assert records[0]["logvar_rotation_loss"] == 0.0 and records[1]["logvar_colorize_loss"] != 0.0
+    saved = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
+    assert saved["heads"]["weighting"]["log_vars"][0].item() == pytest.approx(records[-1]["logvar_rotation_loss"],
+                                                                              abs=0.05)
