@@ -537,7 +537,8 @@ def _check_coca(cfg) -> None:
     for option, value in (("loss.mlm_weight", cfg.loss.mlm_weight), ("loss.itm_weight", cfg.loss.itm_weight),
                           ("loss.inpaint_weight", cfg.loss.inpaint_weight),
                           ("loss.simclr_weight", cfg.loss.simclr_weight), ("loss.queue_size", cfg.loss.queue_size),
-                          ("loss.distill_alpha", cfg.loss.distill_alpha)):
+                          ("loss.distill_alpha", cfg.loss.distill_alpha),
+                          *((f"loss.{kind}_weight", getattr(cfg.loss, f"{kind}_weight")) for kind in PRETEXT_KINDS)):
         if value > 0:
             raise UserError(f"{option} is not supported for a CoCa model (its towers feed its own decoder): "
                             f"use a CLIP model, or train the CoCa with loss.caption_weight alone")

@@ -183,6 +183,7 @@ def test_coca_without_caption_weight_is_a_dual_encoder_and_refuses_other_heads(w
     images, texts = torch.randn(2, 3, 64, 64), model.tokenizer(["a red square", "a blue star"])
     terms = plain(images, texts)
     assert set(terms) == {"contrastive_loss", "loss"}
-    for option in ("loss.itm_weight=1", "loss.mlm_weight=1", "loss.inpaint_weight=1", "loss.kind=mae"):
+    for option in ("loss.itm_weight=1", "loss.mlm_weight=1", "loss.inpaint_weight=1", "loss.kind=mae",
+                   "loss.rotation_weight=1", "loss.jigsaw_weight=1", "loss.kind=colorize"):
         with pytest.raises(UserError, match="CoCa model"):
             Objective(model, config(world, tmp_path / "x", "model.name=tiny-coca-64", option))
