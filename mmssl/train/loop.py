@@ -97,6 +97,10 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = create_model(cfg.model, siglip=cfg.loss.kind == "siglip")
     objective = Objective(model, cfg, rank=env.rank, world_size=env.world_size, precision=precision).to(env.device)
+    if "deepcluster" in objective.heads:   # DeepCluster clusters a fixed sample of data.train: read it once, here
+        from mmssl.data.cluster_sample import cluster_sample_for
+
+        objective.heads["deepcluster"].attach_sample(cluster_sample_for(cfg, model), seed=cfg.train.seed)
     image_size = model.visual.image_size
     loader = build_train_loader(
         cfg.data,
