@@ -38,7 +38,11 @@ def test_itm_training_logs_the_term_and_resumes_exactly(world, itm_run, tmp_path
 def test_itm_accumulates_to_the_same_losses(world, itm_run, tmp_path):
     _, straight = itm_run
     split = train(itm_config(world, tmp_path / "acc", "train.steps=6", "train.accum_steps=4"))
-    assert split.losses == pytest.approx(straight.losses, rel=1e-4)
+    assert split.losses[0] == pytest.approx(straight.losses[0], rel=1e-5)    # the same batch, the same weights
+    # later steps: AdamW's first updates turn float-rounding differences of near-zero gradients into
+    # lr-sized weight differences (the CPU's kernels sum micro-batches in another order), and a hard
+    # negative drawn from slightly different logits can change; exactness is test_accumulate's, on gradients
+    assert split.losses == pytest.approx(straight.losses, rel=2e-3)
 
 
 def test_the_head_is_saved_apart_and_export_drops_it(itm_run, tmp_path):

@@ -139,10 +139,15 @@ class FinetuneObjective(nn.Module):
         summed = F.cross_entropy(logits, draws.labels, label_smoothing=self.label_smoothing, reduction="sum")
         return {self.term: summed / draws.batch_size}   # this micro-batch's share of the batch mean
 
-    def total(self, terms: dict) -> torch.Tensor:
+    uncertainty = None                 # one term: no learned weights (mmssl.objective.UncertaintyWeights)
+
+    def total(self, terms: dict, penalty: bool = True) -> torch.Tensor:
         if self.term in terms:
             return terms[self.term].float()
         return torch.zeros((), requires_grad=True)   # nothing in this part (CE has no batch term)
+
+    def logged_weights(self) -> dict:
+        return {}
 
     def end_step(self, draws: LabelDraw) -> None:
         pass
