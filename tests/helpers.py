@@ -123,6 +123,16 @@ def assert_resumes_exactly(make_config, reference: Path, straight, output: Path,
     assert logged_losses(output) == logged_losses(reference)
 
 
+def assert_accumulates_to_the_same_losses(make_config, straight, output: Path, steps: int, accum_steps: int = 2,
+                                          rel: float = 1e-4) -> None:
+    """`make_config(output, ...)` trained for `steps` in `accum_steps` micro-batches logs the losses of
+    `straight` (the same run in whole batches)."""
+    from mmssl.train.loop import train
+
+    split = train(make_config(output, f"train.steps={steps}", f"train.accum_steps={accum_steps}"))
+    assert split.losses == pytest.approx(straight.losses, rel=rel)
+
+
 def objective_for(model_name, *overrides):
     """An `mmssl.objective.Objective` in training mode for a model config and loss/heads overrides, seed 0."""
     import mmssl

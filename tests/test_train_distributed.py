@@ -33,22 +33,31 @@ def first_global_batch_loss(cfg) -> float:
         return Objective(model, cfg)(torch.cat(images), torch.cat(texts), step=0)["loss"].item()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-def test_torchrun_two_cpu_processes(tmp_path):
-    assert main(["prep", "synthetic", "--out", str(tmp_path / "syn"), "--num-train", "320", "--num-val", "48",
-                 "--quiet"]) == 0
+
+
+def torchrun_train(tmp_path, num_train: int, *extra) -> list:
+    """`torchrun --nproc_per_node 2 -m mmssl train` on a fresh synthetic world and the micro model,
+    one thread per process; returns the overrides it ran with."""
+    assert main(["prep", "synthetic", "--out", str(tmp_path / "syn"), "--num-train", str(num_train), "--num-val",
+                 "48", "--quiet"]) == 0
     write_micro_model(tmp_path)
     overrides = [f"model.name={tmp_path / 'micro.json'}", f"data.train={tmp_path / 'syn/train'}", "data.val=null",
                  "data.workers=0", "data.shuffle_buffer=32", f"train.output={tmp_path / 'run'}",
-                 "train.batch_size=8", "train.steps=4", "train.warmup=2", "train.log_every=1",
-                 "train.save_every=2", "train.precision=fp32"]
+                 "train.log_every=1", "train.precision=fp32", *extra]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmssl", "train",
                            "--config", "tiny", *overrides], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, [line for line in done.stderr.splitlines() if "Error" in line or "mmssl" in line]
+    return overrides
 
+
+@needs_torchrun
+def test_torchrun_two_cpu_processes(tmp_path):
+    overrides = torchrun_train(tmp_path, 320, "train.batch_size=8", "train.steps=4", "train.warmup=2",
+                               "train.save_every=2")
     records = read_metrics(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone writes
     assert records[0]["samples_per_s"] > 0
@@ -63,24 +72,13 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [d["step"] for d in saved["data"]] == [4, 4]  # each rank consumed 4 batches of its own slot
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@needs_torchrun
 def test_torchrun_pretext_tasks_with_learned_weights(tmp_path):
     """Image-only pretext terms under torchrun: every term is a per-image mean, so the ranks' mean is
     the global batch's loss; the learned log-variances stay identical on both ranks (one checkpoint)."""
-    assert main(["prep", "synthetic", "--out", str(tmp_path / "syn"), "--num-train", "160", "--num-val", "48",
-                 "--quiet"]) == 0
-    write_micro_model(tmp_path)
-    overrides = [f"model.name={tmp_path / 'micro.json'}", f"data.train={tmp_path / 'syn/train'}", "data.val=null",
-                 "data.workers=0", "data.shuffle_buffer=32", f"train.output={tmp_path / 'run'}",
-                 "train.batch_size=4", "train.steps=2", "train.warmup=1", "train.log_every=1",
-                 "train.save_every=0", "train.precision=fp32", "loss.kind=rotation", "loss.colorize_weight=1",
-                 "loss.weighting=uncertainty", "heads.colorize.decoder_depth=0"]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmssl", "train",
-                           "--config", "tiny", *overrides], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, [line for line in done.stderr.splitlines() if "Error" in line or "mmssl" in line]
+    overrides = torchrun_train(tmp_path, 160, "train.batch_size=4", "train.steps=2", "train.warmup=1",
+                               "train.save_every=0", "loss.kind=rotation", "loss.colorize_weight=1",
+                               "loss.weighting=uncertainty", "heads.colorize.decoder_depth=0")
     records = read_metrics(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["loss"] == pytest.approx(first_global_batch_loss(load_config("tiny", overrides)), abs=1e-5)
