@@ -447,6 +447,12 @@ class Objective(nn.Module):
         parts = list(weighted.values())
         return sum(parts[1:], parts[0]) if parts else torch.zeros(())
 
+    def reinitialised_parameters(self, step: int) -> list:
+        """Parameters a head re-initialised in this (0-based) step's draw, e.g. DeepCluster's classifier
+        after a re-clustering: the loop drops their optimizer state, as re-creating them would."""
+        return [param for head in self.heads.values() if hasattr(head, "reinitialised_at")
+                for param in head.reinitialised_at(step)]
+
     def logged_weights(self) -> dict:
         """The learned log-variances, logged with the terms ("logvar_<term>"); empty with fixed weights."""
         return {} if self.uncertainty is None else self.uncertainty.logged()

@@ -246,17 +246,25 @@ def test_reclustering_reinitialises_the_classifier_from_the_step_and_restores_tr
     torch.testing.assert_close(fresh.classify.weight, at_zero, rtol=0, atol=0)   # seeded by (seed, step)
 
 
-def test_reset_moments_drops_the_classifiers_optimizer_state_only(world):
+def test_a_reclustering_step_names_the_classifier_for_fresh_optimizer_state(world, tmp_path):
     objective = attached(world, "loss.kind=deepcluster", *SMALL)
     head = objective.heads["deepcluster"]
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3)
-    objective(*token_batch(rows=4), step=0)["loss"].backward()
-    optimizer.step()
-    head.reset_moments(optimizer)
-    assert all(param not in optimizer.state for param in head.classify.parameters())
-    assert objective.model.visual.conv1.weight in optimizer.state
-    optimizer.step()                                                     # AdamW starts them afresh
-    assert optimizer.state[head.classify.weight]["step"] == 1
+    objective(*token_batch(rows=4), step=0)
+    assert objective.reinitialised_parameters(0) == list(head.classify.parameters())
+    assert objective.reinitialised_parameters(1) == []
+    # in training: every re-clustering step restarts AdamW's count for the classifier, not the tower's
+    from mmssl.train.loop import build_trainer
+    from helpers import CPU
+
+    trainer = build_trainer(make(world)(tmp_path / "run", "train.steps=3", "heads.deepcluster.every_steps=2"), CPU)
+    fresh = trainer.objective.heads["deepcluster"].classify.weight
+    tower = trainer.objective.model.visual.conv1.weight
+    counts = []
+    for _ in range(3):
+        batch = next(iter(trainer.loader))
+        trainer.train_step(batch.images, batch.texts)
+        counts.append((int(trainer.optimizer.state[fresh]["step"]), int(trainer.optimizer.state[tower]["step"])))
+    assert counts == [(1, 1), (2, 2), (1, 3)]                           # re-clustered at steps 0 and 2
 
 
 def test_deepcluster_beside_clip_accumulates_exactly(world):

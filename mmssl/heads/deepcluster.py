@@ -37,11 +37,11 @@ normalises them, and takes the classifier's cross-entropy against their pseudo-l
 torchrun: every rank clusters (the towers are identical, so it costs no waiting), then rank 0's
 labels, centroids, PCA and classifier init are broadcast so all ranks hold the same clustering.
 
-Optimizer state: the classifier is re-initialised in place (the same Parameters), so AdamW's
-moments of its weights carry over into the new clustering, whose classes are unrelated to the
-old ones; Caron et al. re-create the layer and its optimizer state with it. `reset_moments`
-drops that state from an optimizer for whoever wants the reference behaviour; the training loop
-does not call it (the carried moments decay within ~1/(1-beta2) steps).
+Optimizer state: the classifier is re-initialised in place (the same Parameters); Caron et al.
+re-create the layer, and its optimizer state with it, since the new clusters' classes are unrelated
+to the old ones. `reinitialised_at(step)` names the classifier's parameters on a re-clustering step,
+and the training loop drops their optimizer state (`Objective.reinitialised_parameters`), so AdamW
+starts them afresh; the state dropped and rebuilt is part of the checkpoint, so resume stays exact.
 """
 from __future__ import annotations
 
@@ -322,10 +322,9 @@ class DeepClusterHead(nn.Module):
         """[M] the nearest centroid of the last clustering for tower embeddings [M, d]."""
         return torch.cdist(self.project(features), self.centroids).argmin(1)
 
-    def reset_moments(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop `optimizer`'s state (e.g. AdamW moments) for the classifier, as re-creating it would."""
-        for param in self.classify.parameters():
-            optimizer.state.pop(param, None)
+    def reinitialised_at(self, step: int) -> list:
+        """The classifier's parameters when `step` re-clustered (and re-initialised them), else []."""
+        return list(self.classify.parameters()) if int(self.cluster_step) == step else []
 
     # ---- the pretext protocol -----------------------------------------------------------
     def draw(self, model: nn.Module, images: torch.Tensor, step: Optional[int]) -> ClusterDraw:
