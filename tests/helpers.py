@@ -123,6 +123,16 @@ def assert_resumes_exactly(make_config, reference: Path, straight, output: Path,
     assert logged_losses(output) == logged_losses(reference)
 
 
+def close_process_group() -> None:
+    """End a gloo worker: every rank reaches the barrier before any tears its group down (a rank that
+    destroys its group while a peer still finishes a send can abort: "terminate called without an
+    active exception", seen in CI)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def assert_accumulates_to_the_same_losses(make_config, straight, output: Path, steps: int, accum_steps: int = 2,
                                           rel: float = 1e-4) -> None:
     """`make_config(output, ...)` trained for `steps` in `accum_steps` micro-batches logs the losses of

@@ -6,7 +6,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from helpers import CPU, accumulation_matches, exit_code, write_micro_checkpoint
+from helpers import CPU, accumulation_matches, close_process_group, exit_code, write_micro_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -272,7 +272,7 @@ def _average_worker(rank, port, out_dir):
         params[1].grad = torch.full((3,), 4.0)                   # on one rank only
     _average_gradients(params, DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu")))
     torch.save([None if p.grad is None else p.grad.tolist() for p in params], f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_gradient_average_keeps_a_gradient_no_rank_has_as_none(tmp_path):

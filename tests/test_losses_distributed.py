@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import free_port
+from helpers import close_process_group, free_port
 from mmssl.losses import ClipLoss, SigLipLoss
 
 WORLD, PER_RANK, DIM = 2, 4, 16
@@ -65,7 +65,7 @@ def _worker(rank, port, out_dir):
     results["siglip"] = _run(SigLipLoss(rank=rank, world_size=WORLD), *siglip_args)
     results["oc_siglip"] = _run(oc_loss.SigLipLoss(rank=rank, world_size=WORLD), *siglip_args)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_process_group()
 
 
 @pytest.fixture(scope="module")

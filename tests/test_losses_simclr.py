@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import free_port
+from helpers import close_process_group, free_port
 from mmssl.losses import SimCLRLoss
 
 WORLD, PER_RANK, DIM, TAU = 2, 3, 8, 0.1
@@ -70,7 +70,7 @@ def _worker(rank, port, out_dir):
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     result = _value_and_grads(SimCLRLoss(TAU, rank=rank, world_size=WORLD), z1[rows], z2[rows])
     torch.save(result, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_simclr_loss_across_two_gloo_processes_equals_full_batch(tmp_path):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mmssl
-from helpers import config, logged_losses
+from helpers import close_process_group, config, logged_losses
 from mmssl.config import load_config
 from mmssl.heads.momentum import MomentumTowers
 from mmssl.losses import ClipLoss, queue_contrastive_loss
@@ -217,7 +217,7 @@ def _queue_worker(rank, port, micro_json, out_dir):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         losses.append(objective(images[rows], texts[rows], step=step)["loss"].detach())
     torch.save({"losses": losses, "queue": objective.heads_state_dict()["momentum"]}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_every_rank_holds_the_same_queue_as_one_process_on_the_whole_batch(micro_json, tmp_path):

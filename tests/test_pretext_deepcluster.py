@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CPU, accumulation_matches, assert_resumes_exactly, config, objective_for, token_batch
+from helpers import (CPU, accumulation_matches, assert_resumes_exactly, close_process_group,
+                     config, objective_for, token_batch)
 from mmssl.config import load_config
 from mmssl.errors import UserError
 from mmssl.heads.deepcluster import (_KMEANS, KMEANS_THREADS, cluster_features, cluster_members, derived_seed,
@@ -364,7 +365,7 @@ def _rank_worker(rank, port, micro_json, out_dir):
     own = head.embed_sample(objective.model)
     draw = head.draw(objective.model, torch.zeros(16, 3, 32, 32), step=0)
     torch.save({"state": head.state_dict(), "indices": draw.indices, "own": own}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_every_rank_holds_rank_zeros_clustering_and_draws_its_own_rows(micro_json, tmp_path):
