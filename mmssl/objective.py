@@ -499,12 +499,10 @@ class UncertaintyWeights(nn.Module):
         self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
 
     def total(self, weighted: dict, penalty: bool = True) -> torch.Tensor:
-        parts = []
-        for index, name in enumerate(self.names):
-            if name in weighted:
-                s = self.log_vars[index]
-                parts.append(0.5 * torch.exp(-s) * weighted[name].float() + (0.5 * s if penalty else 0.0))
-        return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+        parts = [0.5 * torch.exp(-self.log_vars[index]) * weighted[name].float()
+                 for index, name in enumerate(self.names) if name in weighted]
+        scaled = sum(parts[1:], parts[0]) if parts else torch.zeros(())
+        return scaled + self.penalty(weighted) if penalty else scaled
 
     def penalty(self, names) -> torch.Tensor:
         """0.5 s_t summed over `names` (accumulation adds it once for its additive terms)."""

@@ -149,6 +149,9 @@ class FinetuneObjective(nn.Module):
     def logged_weights(self) -> dict:
         return {}
 
+    def reinitialised_parameters(self, step: int) -> list:
+        return []                      # no head is re-created during fine-tuning
+
     def end_step(self, draws: LabelDraw) -> None:
         pass
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from mmssl.config import ColorizeHeadConfig
 from mmssl.errors import UserError
-from mmssl.heads.pretext import batch_share
+from mmssl.heads.pretext import batch_share, normalisation, vit_patch_grid
 from mmssl.heads.vit_tokens import patchify
 from mmssl.models.tower_tokens import image_token_width, image_tokens
 
@@ -120,15 +120,11 @@ def token_grid(visual: nn.Module) -> tuple[int, int]:
     from open_clip.transformer import VisionTransformer
 
     if isinstance(visual, VisionTransformer):
-        if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
-            raise UserError("the colourization head (heads.colorize) needs a ViT image tower with 'tok' or "
-                            "'avg' pooling (no attentional pooling)")
-        if not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity):
-            raise UserError("the colourization head predicts the colour of every patch token: set "
-                            "model.patch_dropout=0")
-        if visual.grid_size[0] != visual.grid_size[1] or visual.patch_size[0] != visual.patch_size[1]:
-            raise UserError("the colourization head needs a square patch grid of square patches")
-        return visual.grid_size[0], visual.patch_size[0]
+        grid, why = vit_patch_grid(visual)
+        if grid is None or visual.patch_size[0] != visual.patch_size[1]:
+            raise UserError(f"the colourization head (heads.colorize) predicts the colour of every patch token: "
+                            f"{why or 'it needs square patches'}")
+        return grid, visual.patch_size[0]
     if isinstance(visual, ModifiedResNet):
         cells = visual.attnpool.positional_embedding.shape[0] - 1     # the last feature map's h*w
         side = math.isqrt(cells)
@@ -137,17 +133,6 @@ def token_grid(visual: nn.Module) -> tuple[int, int]:
         return side, RESNET_CELL
     raise UserError(f"the colourization head (heads.colorize) needs an open_clip ViT or ModifiedResNet image "
                     f"tower; this model's is {type(visual).__name__}")
-
-
-def preprocess_mean_std(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """([3, 1, 1], [3, 1, 1]) the model's normalisation (open_clip's OpenAI values when it has none)."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from open_clip.model import get_model_preprocess_cfg
-
-    cfg = get_model_preprocess_cfg(model)
-    mean, std = cfg.get("mean", OPENAI_DATASET_MEAN), cfg.get("std", OPENAI_DATASET_STD)
-    return (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1),
-            torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
 
 
 class ColorDecoder(nn.Module):
@@ -175,7 +160,7 @@ class ColorizeHead(nn.Module):
         self.grid, self.cell = token_grid(model.visual)
         self.target = cfg.target
         self.channels = 2 if cfg.target == "ab" else 3
-        mean, std = preprocess_mean_std(model)
+        mean, std = normalisation(model)
         self.register_buffer("mean", mean, persistent=False)   # the model's: recomputed, never saved
         self.register_buffer("std", std, persistent=False)
         self.decoder = ColorDecoder(image_token_width(model.visual), self.grid * self.grid,

@@ -56,7 +56,8 @@ from torch import nn
 
 from mmssl.config import DeepClusterHeadConfig
 from mmssl.errors import UserError
-from mmssl.heads.pretext import RowDraw, batch_share, embedding
+from mmssl.data.train_loader import distributed_rank_world
+from mmssl.heads.pretext import RowDraw, batch_share, embedding, normalisation
 
 EMBED_BATCH = 256          # sample images per tower pass when re-clustering
 SPLIT_EPS = 1e-4           # the +-offset between a re-seeded empty cluster and the one it splits
@@ -198,14 +199,6 @@ def cluster_members(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 # ---------------------------------------------------------------- the head
 
-def _rank_world() -> tuple[int, int]:
-    """(rank, world size) of the torchrun group, (0, 1) without one."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @dataclass
 class ClusterDraw(RowDraw):
     """One step's rows of the clustering sample and their pseudo-labels (CPU int64, [B] each)."""
@@ -219,8 +212,6 @@ class DeepClusterHead(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: DeepClusterHeadConfig):
         super().__init__()
-        from open_clip.model import get_model_preprocess_cfg
-
         self.cfg = cfg
         width = model.visual.output_dim
         self.classify = nn.Linear(width, cfg.k)
@@ -230,9 +221,9 @@ class DeepClusterHead(nn.Module):
         self.register_buffer("pca_matrix", torch.zeros(reduced, width))
         self.register_buffer("pca_bias", torch.zeros(reduced))
         self.register_buffer("cluster_step", torch.tensor(-1, dtype=torch.long))   # -1: never clustered
-        preprocess = get_model_preprocess_cfg(model)
-        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, -1, 1, 1), persistent=False)
+        mean, std = normalisation(model)
+        self.register_buffer("mean", mean, persistent=False)   # the model's: recomputed, never saved
+        self.register_buffer("std", std, persistent=False)
         self.sample: Optional[torch.Tensor] = None   # [N, 3, H, W] uint8, CPU (not saved: re-read from data)
         self.seed = 0
         self.history: list = []                      # this process's clusterings: step, nmi to the previous, ...
@@ -304,23 +295,12 @@ class DeepClusterHead(nn.Module):
 
     def _broadcast_clustering(self) -> None:
         """torchrun: every rank takes rank 0's clustering and classifier init (computed on all ranks)."""
-        if _rank_world()[1] == 1:
+        if distributed_rank_world()[1] == 1:
             return
         for tensor in (self.assignments, self.centroids, self.pca_matrix, self.pca_bias, self.cluster_step,
                        self.classify.weight.data, self.classify.bias.data):
             if tensor.numel():
                 torch.distributed.broadcast(tensor, src=0)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Tower embeddings [M, d] in the last clustering's space (PCA-whitened, L2-normalised)."""
-        x = features.float()
-        if self.pca_matrix.shape[0]:
-            x = x @ self.pca_matrix.t() + self.pca_bias
-        return F.normalize(x, dim=-1)
-
-    def assign(self, features: torch.Tensor) -> torch.Tensor:
-        """[M] the nearest centroid of the last clustering for tower embeddings [M, d]."""
-        return torch.cdist(self.project(features), self.centroids).argmin(1)
 
     def reinitialised_at(self, step: int) -> list:
         """The classifier's parameters when `step` re-clustered (and re-initialised them), else []."""
@@ -338,7 +318,7 @@ class DeepClusterHead(nn.Module):
             self._members = labels, cluster_members(labels)
         labels, members = self._members
         at = int(self.cluster_step) if step is None else step
-        generator = torch.Generator().manual_seed(derived_seed(_BATCH, self.seed, at, _rank_world()[0]))
+        generator = torch.Generator().manual_seed(derived_seed(_BATCH, self.seed, at, distributed_rank_world()[0]))
         indices = uniform_over_clusters(labels, images.shape[0], generator, members)
         return ClusterDraw(indices, labels[indices])
 

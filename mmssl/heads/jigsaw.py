@@ -55,7 +55,7 @@ from torch import nn
 
 from mmssl.config import JigsawHeadConfig
 from mmssl.errors import UserError
-from mmssl.heads.pretext import RowDraw, batch_share, classifier, embedding
+from mmssl.heads.pretext import RowDraw, batch_share, classifier, embedding, vit_patch_grid
 from mmssl.models.tower_tokens import image_token_width, image_tokens
 
 GRID = 3                                 # tiles per side
@@ -181,20 +181,12 @@ class JigsawCropDraw(JigsawDraw):
 # ---------------------------------------------------------------- which encoding
 
 def tokens_grid(visual: nn.Module) -> tuple[Optional[int], str]:
-    """(g, "") when `tokens` mode works on this tower (a ViT, square g x g grid, g divisible by 3,
-    'tok' / 'avg' pooling, no patch dropout), else (None, why not)."""
-    from open_clip.transformer import VisionTransformer
-
-    if not isinstance(visual, VisionTransformer):
-        return None, f"the image tower is a {type(visual).__name__}, not a ViT"
-    if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
-        return None, "the ViT pools attentionally (tokens mode needs 'tok' or 'avg' pooling)"
-    if not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity):
-        return None, "the ViT drops patches (model.patch_dropout > 0)"
-    gh, gw = visual.grid_size
-    if gh != gw or gh % GRID:
-        return None, f"the ViT's patch grid is {gh}x{gw}, whose side does not divide by {GRID}"
-    return gh, ""
+    """(g, "") when `tokens` mode works on this tower (`vit_patch_grid`, and g divisible by 3), else
+    (None, why not)."""
+    grid, why = vit_patch_grid(visual)
+    if grid is not None and grid % GRID:
+        return None, f"the ViT's patch grid is {grid}x{grid}, whose side does not divide by {GRID}"
+    return grid, why
 
 
 def resolve_tiles(visual: nn.Module, tiles: str) -> str:
@@ -205,9 +197,7 @@ def resolve_tiles(visual: nn.Module, tiles: str) -> str:
     if tiles == "tokens" and grid is None:
         raise UserError(f"heads.jigsaw.tiles=tokens pools a ViT's patch tokens per tile, but {why}: "
                         "use heads.jigsaw.tiles=crops (or auto)")
-    if tiles not in ("tokens", "crops"):
-        raise UserError(f"heads.jigsaw.tiles must be one of auto, tokens, crops; got {tiles!r}")
-    return tiles
+    return tiles                        # the config allows only auto | tokens | crops
 
 
 def input_size(visual: nn.Module) -> tuple[int, int]:

@@ -19,6 +19,7 @@ Norms are LayerNorm, not BatchNorm: batch statistics would differ per micro-batc
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,6 +28,35 @@ from torch import nn
 def embedding(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """[B, D] the image tower's output embedding (not normalised)."""
     return model.visual(images)
+
+
+def normalisation(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """([3, 1, 1], [3, 1, 1]) fp32: the mean and std the model's preprocessing normalises pixels with
+    (open_clip's OpenAI values when it records none)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.model import get_model_preprocess_cfg
+
+    cfg = get_model_preprocess_cfg(model)
+    mean, std = cfg.get("mean", OPENAI_DATASET_MEAN), cfg.get("std", OPENAI_DATASET_STD)
+    return (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+
+
+def vit_patch_grid(visual: nn.Module) -> tuple[Optional[int], str]:
+    """(g, "") when the tower is a ViT whose patch tokens cover a square g x g grid one to one ('tok'
+    or 'avg' pooling, no patch dropout), else (None, why not): what per-patch pretext heads need."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        return None, f"the image tower is a {type(visual).__name__}, not a ViT"
+    if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
+        return None, "the ViT pools attentionally (it needs 'tok' or 'avg' pooling)"
+    if not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity):
+        return None, "the ViT drops patches: set model.patch_dropout=0"
+    gh, gw = visual.grid_size
+    if gh != gw:
+        return None, f"the ViT's patch grid is {gh}x{gw}, not square"
+    return gh, ""
 
 
 def classifier(width: int, hidden: int, classes: int) -> nn.Module:

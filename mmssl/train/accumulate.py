@@ -42,7 +42,6 @@ def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torc
         objective.total(whole).backward()
 
     aux_totals: dict = {}
-    penalised_names: set = set()
     for index, (start, stop) in enumerate(bounds):
         _set_rng_state(rng_states[index], images.device)
         image_rows, text_rows, rows = images[start:stop], _rows(texts, start, stop), draws.rows(start, stop)
@@ -51,10 +50,8 @@ def accumulated_backward(objective: nn.Module, images: torch.Tensor, texts: torc
         surrogate = _surrogate(outputs, leaves, keys, index, include_scalars=index == 0)
         if aux:
             surrogate = surrogate + objective.total(aux, penalty=False)
-            penalised = set(aux) - penalised_names
-            if penalised and objective.uncertainty is not None:   # the additive terms' 0.5 s_t, once a step
-                surrogate = surrogate + objective.uncertainty.penalty(sorted(penalised))
-                penalised_names |= penalised
+            if index == 0 and objective.uncertainty is not None:   # the additive terms' 0.5 s_t, once a step
+                surrogate = surrogate + objective.uncertainty.penalty(aux)
         surrogate.backward()
         for name, value in aux.items():
             aux_totals[name] = aux_totals.get(name, 0.0) + value.detach()

@@ -161,7 +161,7 @@ class Trainer:
         with self.attention():
             terms = self._forward_backward(images, texts, views)
         values = self._mean_over_ranks(terms)
-        for param in getattr(self.objective, "reinitialised_parameters", lambda step: [])(self.step):
+        for param in self.objective.reinitialised_parameters(self.step):
             self.optimizer.state.pop(param, None)      # a re-created layer starts without moments
         if not math.isfinite(values["loss"]):
             self._diverged(self.step + 1, f"loss is {values['loss']} ({_format_terms(values)})")
