@@ -61,6 +61,13 @@ def test_rotation_weight_zero_builds_nothing_and_kind_refuses_its_own_weight(wor
     assert "rotation" not in objective.heads
     with pytest.raises(UserError, match="loss.rotation_weight"):
         objective_for(world / "micro.json", "loss.kind=rotation", "loss.rotation_weight=1")
+    for bad, key in (("heads.rotation.hidden_dim=-1", "heads.rotation.hidden_dim"),
+                     ("loss.rotation_weight=-0.5", "loss.rotation_weight"),
+                     ("heads.deepcluster.every_steps=0", "heads.deepcluster.every_steps"),
+                     ("heads.deepcluster.sample=2000000", "heads.deepcluster.sample"),
+                     ("heads.colorize.decoder_width=130", "heads.colorize.decoder_width")):
+        with pytest.raises(UserError, match=f"bad value for {key}"):
+            objective_for(world / "micro.json", bad)
 
 
 def test_rotation_trains_the_image_tower_alone_and_resumes_exactly(world, tmp_path):
