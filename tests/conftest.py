@@ -100,3 +100,27 @@ def plain_images(tmp_path_factory):
     assert main(["prep", "folder", "--input", str(root), "--out", str(root / "shards"), "--image-size", "32",
                  "--quiet"]) == 0
     return root / "shards"
+
+
+# ---------------------------------------------------------------- a Ray cluster on this machine
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real 2-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, 1 CPU per node),
+    started once for the whole run and joined by this process: `--engine ray` commands run in it
+    (mmssl.engines.ray_session uses an initialised Ray as it is). Yields the Cluster."""
+    if os.environ.get("CI"):
+        import ray  # CI installs the test extra, which has Ray: missing is a failure, not a skip
+    else:
+        ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
