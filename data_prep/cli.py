@@ -6,6 +6,7 @@ import os
 
 from data_prep.samples import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from mmssl.arg_types import non_negative_int, positive_int
+from mmssl.engines import add_engine_options
 
 
 SHIFT_NAMES = "noise,blur,background"  # data_prep.synthetic.SHIFTS, named here to keep numpy out of parsing
@@ -30,11 +31,13 @@ def _quality(text: str) -> int:
 def _add_output_options(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
     parser.add_argument("--out", required=True, help="output folder (shards, manifest.json, failures.jsonl)")
     parser.add_argument("--shard-size", type=positive_int, default=shard_size, help="rows per shard")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                        help="worker processes of the local engine (unused with --engine ray: one task per shard)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
     mode.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(parser)  # ray: each shard is a task writing into --out, which every node must see
 
 
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +53,7 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
 
 def _output_kwargs(args) -> dict:
     return dict(shard_size=args.shard_size, workers=args.workers, resume=args.resume,
-                overwrite=args.overwrite, quiet=args.quiet)
+                overwrite=args.overwrite, quiet=args.quiet, engine=args.engine, ray_address=args.ray_address)
 
 
 def _image_kwargs(args) -> dict:

@@ -91,6 +91,8 @@ def prepare(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Shard a COCO-captions dataset into `out_dir`; returns the manifest."""
     from mmssl.errors import UserError
@@ -108,5 +110,6 @@ def prepare(
         out_dir, rows, CocoImageProcessor(images_dir=images_dir, image_options=image_options),
         source=source, image_size=None if resize_mode == "no" else image_size, shard_size=shard_size,
         workers=workers, resume=resume, overwrite=overwrite, input_sha256=input_sha256, desc="prep coco", quiet=quiet,
+        engine=engine, ray_address=ray_address,
         extra={"num_caption_annotations": sum(len(r["captions"]) for r in rows), "unmatched_annotations": orphans},
     )

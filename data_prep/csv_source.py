@@ -61,6 +61,8 @@ def prepare(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Shard the table at `input_path` into `out_dir`; returns the manifest.
 
@@ -85,5 +87,5 @@ def prepare(
     return write_dataset(
         out_dir, rows, processor, source=source, image_size=None if resize_mode == "no" else image_size,
         shard_size=shard_size, workers=workers, resume=resume, overwrite=overwrite, input_sha256=input_sha256,
-        desc="prep csv", quiet=quiet,
+        desc="prep csv", quiet=quiet, engine=engine, ray_address=ray_address,
     )

@@ -135,6 +135,8 @@ def prepare(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Shard the image folder `input_dir` into `out_dir`; returns the manifest."""
     from mmssl.errors import UserError
@@ -172,6 +174,7 @@ def prepare(
         source=source, image_size=None if resize_mode == "no" else image_size, shard_size=shard_size,
         workers=workers, resume=resume, overwrite=overwrite, extra=extra,
         input_sha256=_folder_sha256(root, images, layout, classnames_file), desc="prep folder", quiet=quiet,
+        engine=engine, ray_address=ray_address,
     )
     if names is not None:
         write_lines(Path(out_dir) / "classnames.txt", names)

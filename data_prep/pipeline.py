@@ -6,6 +6,11 @@ So any worker count, and any interrupted-then-resumed run, writes the same bytes
 uninterrupted single-process run. Workers process small chunks of rows (good balance even with few
 shards); the parent receives results in order and writes each shard as soon as it is complete.
 
+Where the shards are made is the `engine`'s choice: `local` (this process and its worker
+processes, in chunks) or `ray` (one Ray task per pending shard, data_prep.ray_engine). Both turn a
+shard's rows into its file through the same `process_rows` and `shard_contents`, and the driver
+writes the manifest, so the engine never shows in the output: the bytes are the same.
+
 Every row is accounted for: whatever one row raises (a SampleFailure with its reason, or any
 other exception from opening, decoding, resizing or encoding it) makes it a failures.jsonl entry,
 so `written + failed == rows in`. Only errors of the output itself stop the run (UserError from
@@ -14,6 +19,7 @@ input content (`input_sha256`), so a changed table never mixes into finished sha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from mmssl.engines import ENGINES, import_ray, ray_session
 from mmssl.errors import UserError
 
 from data_prep import shards
@@ -50,14 +57,22 @@ def write_dataset(
     input_sha256: str | None = None,
     desc: str = "prep",
     quiet: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Write `rows` through `process(index, row) -> Sample` (or SampleFailure) into shards.
 
     `input_sha256` is the content hash of the input (see data_prep.input_hash; None where the
-    rows are fully described by `source`, as for the synthetic world). Returns the manifest dict.
+    rows are fully described by `source`, as for the synthetic world). `engine="ray"` makes each
+    pending shard a task on the Ray cluster at `ray_address` (`workers` is then unused; `out_dir`
+    must be on a filesystem every node sees). Returns the manifest dict.
     Raises UserError for empty input, bad sizes, an output that cannot be written, or a `--resume`
     whose options or input differ from those of the shards already finished.
     """
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
+    if engine == "ray":
+        import_ray()  # no Ray: one line before any output is made
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if workers < 1:
@@ -73,7 +88,13 @@ def write_dataset(
     ))
     num_shards = math.ceil(len(rows) / shard_size)
     pending = [s for s in range(num_shards) if not _finished_with(out_dir, s, options)]
-    _write_pending(out_dir, rows, process, pending, shard_size, workers, options, desc, quiet)
+    if engine == "ray":
+        from data_prep import ray_engine
+
+        ray_engine.write_shards(out_dir, rows, process, pending, shard_size=shard_size, options=options,
+                                ray_address=ray_address, desc=desc, quiet=quiet)
+    else:
+        _write_pending(out_dir, rows, process, pending, shard_size, workers, options, desc, quiet)
     all_stats = [shards.read_stats(out_dir, s) for s in range(num_shards)]
     manifest = shards.write_manifest(
         out_dir, all_stats, source=source, image_size=image_size, shard_size=shard_size,
@@ -81,6 +102,61 @@ def write_dataset(
     )
     assert manifest["num_samples"] + manifest["num_failures"] == len(rows), "a row was lost"
     return manifest
+
+
+def engine_session(engine: str, ray_address: str | None = None):
+    """A block in which several write_dataset calls share one Ray (joined or started once); a no-op
+    for the local engine, which never imports Ray."""
+    return ray_session(ray_address) if engine == "ray" else contextlib.nullcontext()
+
+
+def shard_span(shard: int, shard_size: int, num_rows: int) -> tuple[int, int]:
+    """The rows [start, stop) that make shard `shard`."""
+    return shard * shard_size, min((shard + 1) * shard_size, num_rows)
+
+
+def write_shard_rows(out_dir: Path, shard: int, rows: list, process, shard_size: int, options: dict) -> None:
+    """Make and write shard `shard` (tar, then stats) from all of its rows: one engine task's work."""
+    first_row = shard * shard_size
+    results = process_rows(process, first_row, rows, shard_size)
+    shards.write_shard(out_dir, shard, *shard_contents(shard, first_row, rows, results, options))
+
+
+def process_rows(process, start: int, rows: list, shard_size: int) -> list:
+    """Each row (row `start + i` of the input) as its finished tar members, or its SampleFailure.
+
+    Any exception of one row is that row's failure, never the run's (see unexpected_failure).
+    """
+    results = []
+    for index, row in enumerate(rows, start):
+        shard, position = divmod(index, shard_size)
+        try:
+            sample = process(index, row)
+            results.append(shards.sample_members(shards.sample_key(shard, position, shard_size), sample))
+        except SampleFailure as failure:
+            results.append(failure)
+        except Exception as err:  # noqa: BLE001 - a bug or a library's surprise on one row loses only that row
+            results.append(unexpected_failure(err))
+    return results
+
+
+def shard_contents(shard: int, first_row: int, rows: list, results: list, options: dict) -> tuple[list, dict]:
+    """(tar members, stats) of a shard from its rows and their process_rows results."""
+    members = [result for result in results if not isinstance(result, SampleFailure)]
+    failures = [{"row": index, "input": _describe(row), "reason": str(result)}
+                for index, (row, result) in enumerate(zip(rows, results), first_row)
+                if isinstance(result, SampleFailure)]
+    stats = {
+        "shard": shard,
+        "name": shards.shard_name(shard),
+        "first_row": first_row,
+        "count": len(results),         # img2dataset's meaning: rows tried in this shard
+        "successes": len(members),     # samples written (what loaders count)
+        "failed": len(failures),
+        "failures": failures,
+        "options": options,
+    }
+    return members, stats
 
 
 def summary_line(desc: str, manifest: dict, out_dir) -> str:
@@ -119,8 +195,8 @@ def _finished_with(out_dir: Path, shard: int, options: dict) -> bool:
 
 def _chunks(rows: list, pending: list, shard_size: int):
     for shard in pending:
-        end = min((shard + 1) * shard_size, len(rows))
-        for start in range(shard * shard_size, end, CHUNK_ROWS):
+        first, end = shard_span(shard, shard_size, len(rows))
+        for start in range(first, end, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, end)
             yield start, rows[start:stop]
 
@@ -131,22 +207,9 @@ def _install(process, shard_size: int) -> None:
 
 
 def _run_chunk(task):
-    """Each row as its finished tar members (the parent only appends bytes), or its SampleFailure.
-
-    Any exception of one row is that row's failure, never the run's (see unexpected_failure).
-    """
+    """A chunk's process_rows results in a worker (the parent only appends bytes)."""
     start, chunk = task
-    results = []
-    for index, row in enumerate(chunk, start):
-        shard, position = divmod(index, _worker_shard_size)
-        try:
-            sample = _worker_process(index, row)
-            results.append(shards.sample_members(shards.sample_key(shard, position, _worker_shard_size), sample))
-        except SampleFailure as failure:
-            results.append(failure)
-        except Exception as err:  # noqa: BLE001 - a bug or a library's surprise on one row loses only that row
-            results.append(unexpected_failure(err))
-    return start, results
+    return start, process_rows(_worker_process, start, chunk, _worker_shard_size)
 
 
 def _pool_context():
@@ -159,7 +222,7 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
     from tqdm import tqdm
 
     tasks = _chunks(rows, pending, shard_size)
-    total = sum(min((s + 1) * shard_size, len(rows)) - s * shard_size for s in pending)
+    total = sum(stop - start for start, stop in (shard_span(s, shard_size, len(rows)) for s in pending))
     progress = tqdm(total=total, desc=desc, unit="row", disable=True if quiet else None, file=sys.stderr)
     pool = None
     if workers == 1:
@@ -175,7 +238,8 @@ def _write_pending(out_dir, rows, process, pending, shard_size, workers, options
             collected.extend((start + i, r) for i, r in enumerate(chunk_results))
             progress.update(len(chunk_results))
             shard = collected[0][0] // shard_size
-            if len(collected) == min((shard + 1) * shard_size, len(rows)) - shard * shard_size:
+            first, stop = shard_span(shard, shard_size, len(rows))
+            if len(collected) == stop - first:
                 _write_one_shard(out_dir, shard, rows, collected, options)
                 collected = []
     finally:
@@ -212,17 +276,7 @@ def _describe(row):
 
 
 def _write_one_shard(out_dir, shard, rows, collected, options):
-    members = [result for _, result in collected if not isinstance(result, SampleFailure)]
-    failures = [{"row": index, "input": _describe(rows[index]), "reason": str(result)}
-                for index, result in collected if isinstance(result, SampleFailure)]
-    stats = {
-        "shard": shard,
-        "name": shards.shard_name(shard),
-        "first_row": collected[0][0],
-        "count": len(collected),       # img2dataset's meaning: rows tried in this shard
-        "successes": len(members),     # samples written (what loaders count)
-        "failed": len(failures),
-        "failures": failures,
-        "options": options,
-    }
-    shards.write_shard(out_dir, shard, members, stats)
+    first_row = collected[0][0]
+    shard_rows = rows[first_row:first_row + len(collected)]
+    results = [result for _, result in collected]
+    shards.write_shard(out_dir, shard, *shard_contents(shard, first_row, shard_rows, results, options))

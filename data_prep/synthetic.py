@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_prep.pipeline import write_dataset
+from data_prep.pipeline import engine_session, write_dataset
 from data_prep.samples import Sample
 from data_prep.shards import write_lines
 
@@ -363,13 +363,16 @@ def generate(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Write `out_dir/{train,val,heldout,binding,labelled,shift_*}` shard folders; returns {split: manifest}.
 
     `num_heldout` and `num_binding` default to num_val // 4; `num_binding=0` writes no binding
     split. `num_labelled` (default num_val; 0: none) is the class-balanced labelled split. `shifts`: names of SHIFTS (or their comma-separated text, "none" for none), each written
     as `shift_<name>` holding val's num_val scenes; empty writes none. classnames.txt and
-    templates.txt go beside every split.
+    templates.txt go beside every split. `engine`, `ray_address`: where the shards are made
+    (data_prep.pipeline.write_dataset); `engine="ray"` joins or starts Ray once for all splits.
     """
     from mmssl.errors import UserError
 
@@ -398,19 +401,21 @@ def generate(
         if name in shifts:
             sizes[f"shift_{name}"] = num_val
     manifests = {}
-    for split, count in sizes.items():
-        split_dir = Path(out_dir) / split
-        source = {"kind": "synthetic", "split": split, "seed": seed, "num_samples": count}
-        extra = {"num_classes": len(classnames()), "heldout_pairs": [" ".join(p) for p in HELDOUT_PAIRS]}
-        if split == "binding":
-            extra["negative_kinds"] = list(NEGATIVE_KINDS)
-        if split.startswith("shift_"):
-            extra["shift_of"] = "val"
-        manifests[split] = write_dataset(
-            split_dir, list(range(count)), SceneRenderer(split, seed, image_size),
-            source=source, image_size=image_size, shard_size=shard_size, workers=workers,
-            resume=resume, overwrite=overwrite, desc=f"synthetic {split}", quiet=quiet, extra=extra,
-        )
-        write_lines(split_dir / "classnames.txt", classnames())
-        write_lines(split_dir / "templates.txt", TEMPLATES)
+    with engine_session(engine, ray_address):  # --engine ray: one Ray for every split
+        for split, count in sizes.items():
+            split_dir = Path(out_dir) / split
+            source = {"kind": "synthetic", "split": split, "seed": seed, "num_samples": count}
+            extra = {"num_classes": len(classnames()), "heldout_pairs": [" ".join(p) for p in HELDOUT_PAIRS]}
+            if split == "binding":
+                extra["negative_kinds"] = list(NEGATIVE_KINDS)
+            if split.startswith("shift_"):
+                extra["shift_of"] = "val"
+            manifests[split] = write_dataset(
+                split_dir, list(range(count)), SceneRenderer(split, seed, image_size),
+                source=source, image_size=image_size, shard_size=shard_size, workers=workers,
+                resume=resume, overwrite=overwrite, desc=f"synthetic {split}", quiet=quiet, extra=extra,
+                engine=engine, ray_address=ray_address,
+            )
+            write_lines(split_dir / "classnames.txt", classnames())
+            write_lines(split_dir / "templates.txt", TEMPLATES)
     return manifests
