@@ -35,6 +35,8 @@ COMMANDS = (
     Command("wise", "mmssl.finetune.wise_cli", "WiSE-FT: interpolate a zero-shot and a fine-tuned checkpoint"),
     Command("export", "mmssl.export", "write open_clip-loadable weights + model config JSON"),
     Command("caption", "mmssl.captioning", "caption images with a checkpoint's caption head (CoCa)"),
+    Command("embed", "eval.embed_cli",
+            "embed shards with a model into img_emb/ text_emb/ metadata/ parts (clip-retrieval layout)"),
     Command("index", "eval.index.cli", "build and query FAISS search indexes"),
     Command("serve", "eval.serve", "serve an index over HTTP (search API and web page)"),
     Command("quickstart", "mmssl.quickstart",

@@ -120,15 +120,7 @@ def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allo
         members.update(shard_members(shard.url))
     captions = [caps[0] if caps else "" for caps in embedded.captions]
     rows = [members.get(key, {}) for key in embedded.keys]
-    table = pa.table({
-        "key": pa.array(embedded.keys, pa.string()),
-        "caption": pa.array(captions, pa.string()),
-        "shard": pa.array([row.get("shard") for row in rows], pa.string()),
-        "image_offset": pa.array([row.get("image_offset") for row in rows], pa.int64()),
-        "image_size": pa.array([row.get("image_size") for row in rows], pa.int64()),
-        "json": pa.array([row.get("json") for row in rows], pa.string()),
-    })
-    table = normalise_table(table, data)
+    table = shard_metadata_table(embedded.keys, captions, members, data)
     with_caption = [i for i, caption in enumerate(captions) if caption]
     if getattr(loaded.model, "text_free", None) and not text:
         with_caption = []   # an image-only model: tune on a sample of the indexed vectors, not captions
@@ -146,3 +138,36 @@ def from_shards(loaded, data: str, batch_size: int = 256, workers: int = 2, allo
     query_source = "caption embeddings (text->image)" if queries is not None else "sample of the indexed vectors"
     roots = image_roots_of_shards(row.get("shard") for row in rows)
     return Collection(embedded.features, table, queries, query_source, source, roots, text_vectors)
+
+
+def shard_metadata_table(keys: list, captions: list, members: dict, source: str) -> pa.Table:
+    """The metadata of embedded shard samples: key, first caption, and where each image sits in its
+    tar (`eval.index.shard_members`), with the sample's json."""
+    rows = [members.get(key, {}) for key in keys]
+    table = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "shard": pa.array([row.get("shard") for row in rows], pa.string()),
+        "image_offset": pa.array([row.get("image_offset") for row in rows], pa.int64()),
+        "image_size": pa.array([row.get("image_size") for row in rows], pa.int64()),
+        "json": pa.array([row.get("json") for row in rows], pa.string()),
+    })
+    return normalise_table(table, source)
+
+
+def from_embedding_folder(folder: str | Path, image_roots: list | None = None, text: bool = False) -> Collection:
+    """An `mmssl embed` folder (checked by `eval.embedding_parts.read_parts`): the img_emb parts
+    concatenated in part order, their metadata tables, and with `text` the text_emb parts.
+    Images may be served from `image_roots`, by default the folders of the shards the parts name."""
+    from eval.embedding_parts import concatenated, read_parts
+
+    read = read_parts(folder)
+    vectors, text_vectors, table = concatenated(read)
+    if text and text_vectors is None:
+        raise UserError(f"{folder}: made without --modality image,text, so it holds no caption embeddings")
+    table = normalise_table(table, str(folder))
+    roots = _image_roots(image_roots or sorted({str(Path(shard).parent) for shard in read.shards}), table)
+    source = {"embeddings": str(Path(folder).resolve()), "model": read.info.get("model"),
+              "parts": len(read.parts)}
+    return Collection(vectors, table, None, "sample of the indexed vectors", source, roots,
+                      text_vectors if text else None)
