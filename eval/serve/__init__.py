@@ -4,7 +4,9 @@
                       optional "index" (a served index's name; default the first)
                       -> {"results": [{"rank", "key", "caption", "score", "image_url"}], "took_ms"}
     GET  /image/{key} the stored image bytes (JPEG/PNG/WebP as stored in the shard); ?index=NAME
-    GET  /health      status, index size and type, queries served, text-cache hit rate, per index
+    GET  /health      status, index size, version and type, queries served, text-cache hit rate, per index
+    POST /reload      load the index folders again and swap them in without dropping requests
+                      (loopback clients only unless --allow-remote-reload; SIGHUP does the same)
     GET  /            a small search page (no external scripts)
     clip-retrieval's back end: POST /knn-service, POST /metadata, GET /indices-list, GET /config.json
 
@@ -73,6 +75,8 @@ def register(subparsers) -> None:
                                                          "says how many; 0: none)")
     parser.add_argument("--rerank-k", type=int, default=defaults.rerank_k,
                         help=f"candidates re-ranked when a request does not say (default {defaults.rerank_k})")
+    parser.add_argument("--allow-remote-reload", action="store_true",
+                        help="answer POST /reload from any client, not only loopback ones (see docs/serve.md)")
     parser.set_defaults(func=run_serve)
 
 
@@ -95,7 +99,8 @@ def serve_options(args: argparse.Namespace):
                         request_timeout=args.request_timeout, body_timeout=args.body_timeout,
                         max_text_chars=args.max_text_chars, image_limits=limits,
                         allow_image_urls=args.allow_image_urls, image_url_timeout=args.image_url_timeout,
-                        rerank=args.rerank, rerank_k=args.rerank_k)
+                        rerank=args.rerank, rerank_k=args.rerank_k,
+                        allow_remote_reload=getattr(args, "allow_remote_reload", False))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -105,7 +110,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
     require(args.threads >= 0, "--threads must be >= 0")
-    options = serve_options(args)
+    import dataclasses
+
+    options = dataclasses.replace(serve_options(args), reload_on_sighup=True)   # SIGHUP reloads the folders
     specs = index_specs(args.index)
     # torch and faiss each bring an OpenMP pool; idle spinning in one starves the other
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

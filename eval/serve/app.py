@@ -7,9 +7,18 @@ went away (never seen by it), 500 a failure while answering, 503 queue full / bo
 worker restarting (with Retry-After), 504 no answer within the request timeout. `/health`
 answers 503 while a query worker is down or stuck. clip-retrieval's routes (`/knn-service`,
 `/metadata`, `/indices-list`, `/config.json`) come from `eval.serve.clip_retrieval`.
+
+`POST /reload` (and SIGHUP under `mmssl serve`) loads the index folders again and swaps them in
+(`Service.reload`): 200 with what changed, 403 for a client that is not loopback (unless
+`allow_remote_reload`) or a browser (an Origin header), 409 while another reload runs, 422/500 when
+a folder does not load (the old version keeps serving).
 """
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import signal
+import sys
 import time
 from contextlib import asynccontextmanager
 from urllib.parse import quote
@@ -25,7 +34,7 @@ from eval.serve.hosts import HostCheckMiddleware, HostPolicy
 from eval.serve.options import ServeOptions
 from eval.serve.page import PAGE
 from eval.serve.requests import RETRY, BadRequest, parse_search_request, require_json_content_type
-from eval.serve.service import ClientGone, Service
+from eval.serve.service import ClientGone, ReloadBusy, ReloadFailed, Service
 
 MAX_K = 1000
 
@@ -39,11 +48,44 @@ def create_app(searchers, options: ServeOptions | None = None):
         searchers = {searchers.folder.path.name: searchers}
     service = Service(searchers, options)
 
+    async def reload() -> dict:
+        answer = await service.reload()
+        app.state.images, app.state.batcher = service.default.images, service.default.batcher
+        return answer
+
+    async def reload_on_signal() -> None:
+        try:
+            answer = await reload()
+        except (ReloadBusy, ReloadFailed) as err:
+            sys.stderr.write(f"mmssl serve: SIGHUP: {err}\n")
+            return
+        for name, change in answer.items():
+            sys.stderr.write(f"mmssl serve: reloaded {name}: {change['old_count']} -> {change['new_count']} items, "
+                             f"version {change['new_version']}, in {change['took_ms']:.0f} ms\n")
+
+    def install_sighup() -> bool:
+        """Install the SIGHUP handler (POSIX, main thread only); it runs on the loop, so the reload
+        is awaited like a request's. Whether it was installed."""
+        if not (options.reload_on_sighup and hasattr(signal, "SIGHUP")):
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: service.track(loop.create_task(reload_on_signal())))
+        except (ValueError, RuntimeError) as err:    # not the main thread
+            sys.stderr.write(f"mmssl serve: SIGHUP will not reload ({err}); POST /reload still does\n")
+            return False
+        return True
+
     @asynccontextmanager
     async def lifespan(app):
         service.start()
-        yield
-        service.stop()
+        on_sighup = install_sighup()
+        try:
+            yield
+        finally:
+            if on_sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            service.stop()
 
     app = FastAPI(title="mmssl search", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -82,7 +124,7 @@ def create_app(searchers, options: ServeOptions | None = None):
 
     def image_url(served, i: int) -> str | None:
         if served.images.has(i):
-            suffix = "" if served is service.default else f"?index={quote(served.name, safe='')}"
+            suffix = "" if served.name == service.default.name else f"?index={quote(served.name, safe='')}"
             return f"/image/{quote(served.folder.metadata.keys[i], safe='')}{suffix}"
         urls = served.folder.metadata.columns.get("url")
         return urls[i] if urls is not None else None
@@ -131,9 +173,35 @@ def create_app(searchers, options: ServeOptions | None = None):
         healthy, body = service.health()
         return body if healthy else JSONResponse(body, status_code=503)
 
+    @app.post("/reload")
+    async def reload_route(request: Request):
+        if request.headers.get("origin") is not None:
+            return error(403, "POST /reload does not answer browsers (the request has an Origin header)")
+        host = request.client.host if request.client else None
+        if not options.allow_remote_reload and not is_loopback(host):
+            return error(403, "POST /reload is answered only to loopback clients "
+                              "(start the service with --allow-remote-reload to allow others)")
+        try:
+            answer = await reload()
+        except ReloadBusy as err:
+            return error(409, str(err))
+        except ReloadFailed as err:
+            return error(err.status, str(err))
+        return JSONResponse({"reloaded": answer})
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return PAGE
 
     add_clip_retrieval_routes(app, service)
     return app
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a client address is this machine's loopback (127.0.0.0/8, ::1, or IPv4-mapped 127.x)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)

@@ -118,6 +118,11 @@ class QueryBatcher:
         return self._queue.qsize()
 
     @property
+    def busy(self) -> bool:
+        """Queries are waiting or being answered (a batcher being retired after a reload waits for none)."""
+        return bool(self._held) or not self._queue.empty()
+
+    @property
     def alive(self) -> bool:
         return (self._worker is not None and self._worker.is_alive() and not self._restarting
                 and not self._stopping.is_set())

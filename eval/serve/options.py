@@ -34,3 +34,5 @@ class ServeOptions:
     image_url_timeout: float = 10.0       # seconds to fetch one image URL; beyond: 504
     rerank: str | None = None             # "itm": text queries' top rerank_k reordered by the ITM head (--rerank)
     rerank_k: int = 16                    # candidates re-ranked when a request does not say (--rerank-k)
+    allow_remote_reload: bool = False     # answer POST /reload from non-loopback clients (--allow-remote-reload)
+    reload_on_sighup: bool = False        # SIGHUP reloads the folders (`mmssl serve` sets it; needs the main thread)
