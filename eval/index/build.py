@@ -14,11 +14,16 @@ given queries, a sample of the vectors is held out: the index is built from the 
 checked on the held-out rows, and those rows are added last. FAISS ids then follow the order of
 addition, which `BuiltIndex.order` records (None when the ids are the row numbers) so that the
 caller lines the metadata up with them.
+
+Where the rows are added is a strategy (`add_rows`): `add_locally` here, or Ray tasks that fill
+copies of the trained index part by part and merge them back in order (`ray_build.py`). Either
+way the trained index, the held-out rows and the ids are the same, so is everything after.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -28,6 +33,7 @@ from eval.index.choose import IndexPlan, choose_index, parse_memory
 from eval.index.tune import MARGIN_SIGMAS, exact_search, max_param_value, recall_at_k, tune_search_param
 
 CHUNK_ROWS = 65_536
+ADD_BATCH_ROWS = 16_384        # rows per index.add call, on every engine: the same batches give the same codes
 TRAIN_POINTS_PER_CELL = 40     # faiss warns below 39 points per k-means centroid
 PQ_TRAIN_POINTS = 65_536       # faiss' own cap for OPQ / PQ training samples
 SQ_TRAIN_POINTS = 65_536       # the 8-bit quantizer only learns each dimension's min and max
@@ -38,6 +44,42 @@ class BuiltIndex:
     index: faiss.Index
     info: dict
     order: np.ndarray | None   # row of `vectors` behind each FAISS id, when it is not the identity
+
+
+@dataclass
+class AddReport:
+    """Where the rows were added and how long it took (recorded in index_info.json)."""
+
+    engine: dict = field(default_factory=lambda: {"name": "local"})
+    add_s: float = 0.0
+    merge_s: float = 0.0     # folding sub-indexes built elsewhere back into the index
+
+
+# (trained empty index, plan, vectors, sorted row numbers to leave out, show progress) -> report;
+# adds the unit rows of `vectors` not in the skip list to the index, in row order (ids 0, 1, ...)
+AddRows = Callable[[faiss.Index, IndexPlan, np.ndarray, np.ndarray, bool], AddReport]
+
+
+def add_batches(rows: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of ADD_BATCH_ROWS over `rows` rows to add. Every engine adds exactly
+    these batches (an OPQ rotation is a matrix product whose last bits depend on the batch)."""
+    return [(start, min(start + ADD_BATCH_ROWS, rows)) for start in range(0, rows, ADD_BATCH_ROWS)]
+
+
+def kept_rows(count: int, skip: np.ndarray) -> np.ndarray:
+    """Row numbers 0..count-1 without the (sorted) ones in `skip`: the rows to add, in id order."""
+    return np.setdiff1d(np.arange(count), skip, assume_unique=True)
+
+
+def add_locally(index: faiss.Index, plan: IndexPlan, vectors: np.ndarray, skip: np.ndarray,
+                progress: bool = True) -> AddReport:
+    """Add batch by batch in this process (FAISS spreads each batch over this machine's cores)."""
+    started = time.perf_counter()
+    keep = kept_rows(len(vectors), skip)
+    for start, stop in tqdm(add_batches(len(keep)), desc=f"adding to {plan.factory}", unit="batch",
+                            disable=not progress):
+        index.add(unit_rows(vectors[keep[start:stop]]))
+    return AddReport(add_s=time.perf_counter() - started)
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:
@@ -62,10 +104,11 @@ def unit_chunks(vectors: np.ndarray, rows: int = CHUNK_ROWS, skip: np.ndarray | 
 def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_target: float = 0.95,
                 queries: np.ndarray | None = None, query_source: str = "given queries", k: int = 10,
                 num_queries: int = 1000, seed: int = 0,
-                plan: IndexPlan | None = None, progress: bool = True) -> BuiltIndex:
+                plan: IndexPlan | None = None, progress: bool = True,
+                add_rows: AddRows = add_locally) -> BuiltIndex:
     """The index ready to search, its info dict, and its id order. Up to 2 * `num_queries` queries
     are used, half to tune and half to check: rows of `queries`, or (when None) rows held out of
-    `vectors` until tuning is done."""
+    `vectors` until tuning is done. `add_rows` adds the rows that are not held out."""
     if vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"expected a non-empty 2-d array of embeddings, got shape {vectors.shape}")
     n, d = vectors.shape
@@ -93,11 +136,9 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
         # polysemous codes only pay off with Hamming-threshold search, which we do not use
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     train_s = _train(index, plan, vectors, rng, held)
-    add_started = time.perf_counter()
-    for chunk in tqdm(unit_chunks(vectors, skip=held), total=-(-n // CHUNK_ROWS),
-                      desc=f"adding to {plan.factory}", unit="chunk", disable=not progress):
-        index.add(chunk)
-    add_s = time.perf_counter() - add_started
+    added = add_rows(index, plan, vectors, held, progress)
+    if index.ntotal != n - len(held):
+        raise RuntimeError(f"the add step left {index.ntotal} vectors in the index, not {n - len(held)}")
 
     tune_started = time.perf_counter()
     k_eff = min(k, index.ntotal)
@@ -130,8 +171,9 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
                      "recall": None if held_out is None else round(held_out, 4),
                      "target_met": held_out is not None and held_out >= recall_target},
         "ids": "row order" if order is None else "rows not held out, then the held-out rows",
-        "timings_s": {"train": round(train_s, 3), "add": round(add_s, 3), "tune": round(tune_s, 3),
-                      "total": round(time.perf_counter() - started, 3)},
+        "engine": added.engine,
+        "timings_s": {"train": round(train_s, 3), "add": round(added.add_s, 3), "merge": round(added.merge_s, 3),
+                      "tune": round(tune_s, 3), "total": round(time.perf_counter() - started, 3)},
     }
     return BuiltIndex(index, info, order)
 

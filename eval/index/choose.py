@@ -31,6 +31,7 @@ a small CPU box).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -138,6 +139,36 @@ def choose_index(num_vectors: int, dim: int, memory_budget: int,
         return IndexPlan("ivf_flat", f"{coarse},Flat", ivf_flat_bytes(n, d, nlist),
                          f"{why}; uncompressed inverted lists do", {"nlist": nlist})
     return _choose_pq(n, d, budget, nlist)
+
+
+KINDS = ("flat", "hnsw_sq8", "ivf_flat", "opq_ivf_pq")
+IVF_KINDS = ("ivf_flat", "opq_ivf_pq")
+
+
+def plan_for_kind(kind: str, num_vectors: int, dim: int, memory_budget: int) -> IndexPlan:
+    """The plan of `kind` (or "auto": `choose_index`) with the knobs the chooser would give it.
+    For tests and benches that need one type at any size: the size thresholds are ignored, the
+    budget is not (it still sizes M and the PQ codes, and a kind that cannot fit is refused)."""
+    if kind == "auto":
+        return choose_index(num_vectors, dim, memory_budget)
+    if kind not in KINDS:
+        raise UserError(f"unknown index type {kind!r}: use auto or one of {', '.join(KINDS)}")
+    if num_vectors < 1:
+        raise UserError("cannot build an index over 0 vectors")
+    n, d, budget = num_vectors, dim, memory_budget
+    if kind == "flat":
+        plan = choose_index(n, d, budget, flat_max_vectors=n + 1, hnsw_max_vectors=0) \
+            if flat_bytes(n, d) <= budget else None
+    elif kind == "hnsw_sq8":
+        plan = choose_index(n, d, budget, flat_max_vectors=0, hnsw_max_vectors=n)
+    elif kind == "ivf_flat":
+        plan = choose_index(n, d, budget, flat_max_vectors=0, hnsw_max_vectors=0)
+    else:
+        plan = _choose_pq(n, d, budget, nlist_for(n))
+    if plan is None or plan.kind != kind:
+        raise UserError(f"--index-type {kind} does not fit --memory-budget {budget} bytes for {n} vectors "
+                        f"of dim {d}; raise the budget or use --index-type auto")
+    return dataclasses.replace(plan, reason=f"--index-type {kind} (the chooser was not asked)")
 
 
 def _choose_pq(n: int, d: int, budget: int, nlist: int) -> IndexPlan:

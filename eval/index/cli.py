@@ -1,4 +1,4 @@
-"""`mmssl index build` and `mmssl index search`."""
+"""`mmssl index build`, `mmssl index search` and `mmssl index add`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ MAX_K = 1000
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("index", help="build and query FAISS search indexes")
-    commands = parser.add_subparsers(dest="index_command", metavar="{build,search}",
+    commands = parser.add_subparsers(dest="index_command", metavar="{build,search,add}",
                                      parser_class=type(parser))
     commands.required = True
 
@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     build.add_argument("--checkpoint", help="mmssl checkpoint, run folder, or openclip:NAME[:WEIGHTS]; "
                        "embeds --data and later the queries")
     build.add_argument("--data", help="shards to index: a folder with manifest.json or a brace pattern")
-    build.add_argument("--embeddings", help="precomputed embeddings (.npy, one row per item) instead of --data")
+    build.add_argument("--embeddings", help="precomputed embeddings (.npy, one row per item, or a folder made by "
+                       "`mmssl embed`) instead of --data")
     build.add_argument("--metadata", help="parquet with one row per embedding (key, caption, url, image_path, ...)")
     build.add_argument("--image-root", action="append", metavar="DIR",
                        help="with --embeddings: a folder the metadata's image_path files may be served from "
@@ -39,6 +40,7 @@ def register(subparsers) -> None:
     build.add_argument("--workers", type=int, default=2, help="data loader processes for --data")
     build.add_argument("--allow-remote", action="store_true",
                        help="read http(s)/s3/gs shards named by --data (through fsspec; never pipe:)")
+    _add_scale_options(build)
     build.set_defaults(func=run_build)
 
     search = commands.add_parser("search", help="print the top-k items for a text or image query")
@@ -54,6 +56,108 @@ def register(subparsers) -> None:
                                                          "image-text matching head (text over images, image over captions)")
     search.add_argument("--rerank-k", type=int, default=16, help="candidates the re-ranker reorders (default 16)")
     search.set_defaults(func=run_search)
+    _register_add(commands)
+
+
+def _register_add(commands) -> None:
+    add = commands.add_parser(
+        "add", help="add new items to an existing index folder (no retraining, the tuned knob kept)",
+        description="Embed --data with the folder's model (or take an embeddings .npy) and append the items: ids "
+                    "continue after the current count, metadata rows are appended, the folder is swapped in "
+                    "atomically. A running `mmssl serve` picks it up on SIGHUP or POST /reload.")
+    add.add_argument("--index", required=True, help="index folder made by `mmssl index build`")
+    add.add_argument("--checkpoint", help="with --data: the model the index was built with (it must match)")
+    add.add_argument("--data", help="shards of the new items: a folder with manifest.json or a brace pattern")
+    add.add_argument("--embeddings", help="embeddings of the new items instead of --data: a .npy (one row per item) "
+                     "or a folder made by `mmssl embed`")
+    add.add_argument("--metadata", help="parquet with one row per new embedding (the index's columns)")
+    add.add_argument("--text-embeddings", help="with --embeddings, for a folder built with --modality image,text: "
+                     "the new items' caption embeddings (.npy, row i = item i)")
+    add.add_argument("--image-root", action="append", metavar="DIR",
+                     help="with --embeddings: a folder the new rows' image_path files may be served from "
+                          "(repeatable; default: the metadata parquet's folder)")
+    add.add_argument("--batch-size", type=int, default=256)
+    add.add_argument("--workers", type=int, default=2, help="data loader processes for --data")
+    add.add_argument("--allow-remote", action="store_true",
+                     help="read http(s)/s3/gs shards named by --data (through fsspec; never pipe:)")
+    add.set_defaults(func=run_add)
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from eval.index.add import add_to_index, addable_info, check_model
+    from eval.index.collection import from_embeddings, from_shards
+    from mmssl.errors import require
+    from mmssl.models.refs import checkpoint_ref
+
+    require((args.data is None) != (args.embeddings is None), "give exactly one of --data or --embeddings")
+    require(args.data is None or args.checkpoint is not None, "--data needs --checkpoint (the index's model)")
+    require(args.checkpoint is None or args.data is not None,
+            "--checkpoint goes with --data (embeddings are added to the index's own model)")
+    for flag, value in (("--metadata", args.metadata), ("--text-embeddings", args.text_embeddings),
+                        ("--image-root", args.image_root)):
+        require(value is None or args.embeddings is not None, f"{flag} goes with --embeddings")
+    require(args.batch_size > 0 and args.workers >= 0, "--batch-size must be > 0 and --workers >= 0")
+    info = addable_info(args.index)
+    with_text = "text" in info.get("modalities", ["image"])
+    if args.data is not None:
+        from eval.index.query import load_query_model
+
+        model = checkpoint_ref(args.checkpoint).canonical
+        check_model(info, model, args.index)      # before minutes of embedding
+        collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers,
+                                 allow_remote=args.allow_remote, text=with_text)
+    elif Path(args.embeddings).is_dir():    # made by `mmssl embed`: vectors, captions' and metadata together
+        from eval.index.collection import from_embedding_folder
+
+        require(args.metadata is None and args.text_embeddings is None,
+                "--embeddings DIR (an `mmssl embed` folder) carries its metadata and caption embeddings: "
+                "drop --metadata / --text-embeddings")
+        collection = from_embedding_folder(args.embeddings, args.image_root, text=with_text)
+        if collection.source.get("model") and info.get("model"):
+            check_model(info, collection.source["model"], args.index)
+    else:
+        require(not with_text or args.text_embeddings is not None,
+                f"--index {args.index} also indexes captions: give --text-embeddings (the new items' caption vectors)")
+        collection = from_embeddings(args.embeddings, args.metadata, args.image_root, args.text_embeddings)
+    written = add_to_index(args.index, collection.vectors, collection.metadata, collection.source,
+                           text_vectors=collection.text_vectors, image_roots=collection.image_roots,
+                           number_keys=args.embeddings is not None and args.metadata is None
+                           and not Path(args.embeddings).is_dir())
+    added = written["additions"][-1]
+    knob = f" (search knob {written['search']['param']}={written['search']['value']} kept, tuned at " \
+           f"{written['additions'][0]['count_before']} items)" if written["search"].get("param") else ""
+    print(f"added {added['added']} items to {args.index}: {added['count_before']} -> {written['count']}"
+          f"{' images and captions' if with_text else ''}{knob}; version {written['keys_sha256'][:12]}")
+    return 0
+
+
+def _add_scale_options(build) -> None:
+    """--engine/--ray-address (where the rows are added), --on-disk, --index-type."""
+    from eval.index.choose import KINDS
+    from mmssl.engines import add_engine_options
+
+    add_engine_options(build)
+    build.add_argument("--on-disk", action="store_true",
+                       help="IVF indexes: keep the inverted lists in OUT/index.ivfdata, memory-mapped when "
+                            "searching, instead of in memory")
+    build.add_argument("--index-type", default="auto", choices=("auto",) + KINDS,
+                       help="auto: chosen from size and --memory-budget (default); otherwise this type")
+
+
+def _scale_plan(args, vectors):
+    """The index plan of --index-type, checked against --on-disk before the index is built."""
+    from eval.index.choose import IVF_KINDS, parse_memory, plan_for_kind
+    from mmssl.errors import UserError
+
+    n, d = vectors.shape
+    plan = plan_for_kind(args.index_type, n, d, parse_memory(args.memory_budget))
+    if args.on_disk and plan.kind not in IVF_KINDS and args.index_type != "auto":
+        raise UserError(f"--on-disk needs an IVF index (--index-type ivf_flat or opq_ivf_pq), not {plan.kind}")
+    if args.on_disk and plan.kind not in IVF_KINDS:
+        raise UserError(f"--on-disk needs an IVF index, but {n} vectors of dim {d} get a {plan.kind} index under "
+                        f"--memory-budget {args.memory_budget}: pass --index-type ivf_flat (or opq_ivf_pq), "
+                        "or a lower --memory-budget")
+    return plan
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -71,7 +175,10 @@ def run_build(args: argparse.Namespace) -> int:
     with_text = args.modality == "image,text"
     require(args.text_embeddings is None or (args.embeddings is not None and with_text),
             "--text-embeddings goes with --embeddings and --modality image,text")
-    require(not with_text or args.data is not None or args.text_embeddings is not None,
+    embedding_folder = args.embeddings is not None and Path(args.embeddings).is_dir()   # made by `mmssl embed`
+    require(not embedding_folder or (args.metadata is None and args.text_embeddings is None),
+            "--embeddings DIR (an `mmssl embed` folder) holds its own metadata and caption embeddings")
+    require(not with_text or args.data is not None or args.text_embeddings is not None or embedding_folder,
             "--modality image,text with --embeddings needs --text-embeddings (the caption vectors)")
     require(0.0 < args.recall_target <= 1.0, f"--recall-target must be in (0, 1], got {args.recall_target}")
     require(args.batch_size > 0 and args.workers >= 0, "--batch-size must be > 0 and --workers >= 0")
@@ -83,12 +190,23 @@ def run_build(args: argparse.Namespace) -> int:
 
         collection = from_shards(load_query_model(model), args.data, args.batch_size, args.workers,
                                  allow_remote=args.allow_remote, text=with_text)
+    elif embedding_folder:
+        from eval.index.collection import from_embedding_folder
+
+        collection = from_embedding_folder(args.embeddings, args.image_root, text=with_text)
+        if model is not None:
+            _check_model_dim(model, collection.vectors.shape[1])
     else:
         collection = from_embeddings(args.embeddings, args.metadata, args.image_root, args.text_embeddings)
         if model is not None:
             _check_model_dim(model, collection.vectors.shape[1])
-    built = build_index(collection.vectors, args.memory_budget, args.recall_target,
-                        queries=collection.queries, query_source=collection.query_source)
+    from eval.index.ray_build import rows_adder
+
+    plan = _scale_plan(args, collection.vectors)
+    with rows_adder(args.engine, args.ray_address) as add_rows:
+        built = build_index(collection.vectors, args.memory_budget, args.recall_target,
+                            queries=collection.queries, query_source=collection.query_source,
+                            plan=plan, add_rows=add_rows)
     metadata = collection.metadata if built.order is None else collection.metadata.take(built.order)
     extra, text_index = {}, None
     if with_text:
@@ -96,7 +214,7 @@ def run_build(args: argparse.Namespace) -> int:
         text_index, extra["text_index"] = text_built.index, text_built.info
     info = save_index_folder(args.out, built.index, {**built.info, **extra, "source": collection.source,
                                                      "image_roots": collection.image_roots}, metadata, model,
-                             text_index=text_index)
+                             text_index=text_index, on_disk=args.on_disk)
     tuning, held_out, built = info["tuning"], info["held_out"], info["index"]
     knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
     checked = f", {held_out['recall']:.3f} held out" if held_out["recall"] is not None else ""

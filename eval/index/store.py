@@ -18,13 +18,24 @@ Modalities (clip-retrieval's image and text indices): `index.faiss` holds the im
 a folder built with `--modality image,text` also holds `text_index.faiss`, the caption embeddings
 of the same rows under the same ids, so a caption hit shows its image and metadata like an image
 hit. `info["modalities"]` lists what the folder holds (absent: image only).
+
+On-disk lists (`--on-disk`, IVF kinds): the image index's inverted lists live in
+`index.ivfdata` (FAISS' OnDiskInvertedLists) and `index.faiss` keeps only the coarse quantizer and
+the lists' offsets; `info["on_disk"]` is true and the list file is checked like the others.
+`index.faiss` names its list file by base name and is read with IO_FLAG_ONDISK_SAME_DIR, so the
+folder moves as a unit; the lists are memory-mapped read-only, so searching pages in the cells it
+probes (the OS page cache holds them) instead of loading every list into the process. The
+caption index stays in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +47,14 @@ from mmssl.errors import UserError
 INDEX_FILE = "index.faiss"
 TEXT_INDEX_FILE = "text_index.faiss"
 INFO_FILE = "index_info.json"
-FOLDER_FILES = (INDEX_FILE, TEXT_INDEX_FILE, METADATA_FILE, INFO_FILE)
+IVFDATA_FILE = "index.ivfdata"      # the image index's inverted lists, with --on-disk
+FOLDER_FILES = (INDEX_FILE, TEXT_INDEX_FILE, METADATA_FILE, INFO_FILE, IVFDATA_FILE)
 MODALITIES = ("image", "text")
 INDEX_FILES = {"image": INDEX_FILE, "text": TEXT_INDEX_FILE}    # modality -> its FAISS file
 FORMAT_VERSION = 2
 MAX_INFO_BYTES = 16 * 2**20
 SEARCH_PARAMS = {"efSearch": 1 << 16, "nprobe": 1 << 24}   # knob -> largest value accepted from a file
-_HASH_CHUNK = 8 * 2**20
+_HASH_CHUNK = 2**20
 
 
 @dataclass
@@ -78,18 +90,21 @@ def modalities_of(info: dict) -> tuple[str, ...]:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)    # one buffer reused: hashing a big file leaves no heap behind
+    view = memoryview(buffer)
     with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
+        while read := handle.readinto(buffer):
+            digest.update(view[:read])
     return digest.hexdigest()
 
 
 def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table, model: str | None,
-                      text_index=None) -> dict:
+                      text_index=None, on_disk: bool = False) -> dict:
     """Write the files into a fresh folder and swap it in for `out_dir`; returns the info dict as
     written (with file sizes and checksums). `text_index` (caption embeddings, same ids) is
-    optional. UserError when `out_dir` holds anything that is not an index folder (it is never
-    deleted)."""
+    optional. `on_disk` (IVF only) moves `index`'s lists into index.ivfdata: `index` then reads
+    them from that file. UserError when `out_dir` holds anything that is not an index folder (it
+    is never deleted)."""
     import faiss
 
     out = Path(out_dir)
@@ -102,14 +117,20 @@ def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        faiss.write_index(index, str(staging / INDEX_FILE))
         data_files = [INDEX_FILE, METADATA_FILE]
+        if on_disk:
+            moving = time.perf_counter()
+            move_lists_on_disk(index, staging / IVFDATA_FILE)
+            data_files.append(IVFDATA_FILE)
+            info = {**info, "timings_s": {**info.get("timings_s", {}),
+                                          "move_on_disk": round(time.perf_counter() - moving, 3)}}
+        faiss.write_index(index, str(staging / INDEX_FILE))
         if text_index is not None:
             faiss.write_index(text_index, str(staging / TEXT_INDEX_FILE))
             data_files.append(TEXT_INDEX_FILE)
         checksum = write_metadata(staging, metadata)
         info = {"format_version": FORMAT_VERSION, **info, "model": model, "keys_sha256": checksum,
-                "modalities": list(MODALITIES if text_index is not None else ("image",)),
+                "modalities": list(MODALITIES if text_index is not None else ("image",)), "on_disk": on_disk,
                 "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
                           for name in data_files}}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -124,6 +145,45 @@ def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return info
+
+
+def move_lists_on_disk(index, path: Path) -> None:
+    """Copy the IVF `index`'s inverted lists into an OnDiskInvertedLists file at `path` and make
+    the index use it (the in-memory lists are freed). The file is named by its base name only, to
+    be found beside index.faiss (IO_FLAG_ONDISK_SAME_DIR) wherever the folder moves."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        raise UserError("--on-disk needs an IVF index (ivf_flat or opq_ivf_pq)") from None
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    sources = faiss.InvertedListsPtrVector()
+    sources.push_back(ivf.invlists)
+    with _quiet_c_stdout():       # FAISS printf()s each resize of the file
+        lists.merge_from_multiple(sources.data(), sources.size(), False)
+    lists.filename = path.name
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()           # the index owns (and frees) the lists now
+
+
+@contextlib.contextmanager
+def _quiet_c_stdout():
+    """Send what C code prints to stdout during the block to /dev/null (FAISS' on-disk lists
+    report file moves with printf, which would land in the middle of a command's output)."""
+    import ctypes
+
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -222,8 +282,11 @@ def _check_info(info, path: Path) -> None:
     if not (isinstance(modalities, list) and modalities and modalities[0] == "image"
             and len(set(modalities)) == len(modalities) and set(modalities) <= set(MODALITIES)):
         bad(f"'modalities' must list 'image', then optionally 'text', not {str(modalities)[:80]}")
+    if not isinstance(info.get("on_disk", False), bool):
+        bad("'on_disk' must be true or false")
     files = info.get("files")
-    for name in [INDEX_FILES[modality] for modality in modalities] + [METADATA_FILE]:
+    for name in [INDEX_FILES[modality] for modality in modalities] + [METADATA_FILE] + (
+            [IVFDATA_FILE] if info.get("on_disk") else []):
         entry = files.get(name) if isinstance(files, dict) else None
         if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
             bad(f"no size and sha256 recorded for {name}")
@@ -280,11 +343,44 @@ def _read_faiss_file(folder: Path, name: str, info: dict):
     import faiss
 
     path = check_file(folder, name, info)
+    on_disk = name == INDEX_FILE and info.get("on_disk", False)
+    if on_disk:
+        check_file(folder, IVFDATA_FILE, info)
     try:
-        index = faiss.read_index(str(path))
+        # SAME_DIR: on-disk lists are only ever looked up beside the .faiss file, never at a path
+        # the file names; READ_ONLY: they are mapped read-only
+        with _quiet_c_stdout():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as err:
         raise UserError(f"{path}: FAISS cannot read it ({str(err).splitlines()[0]})") from None
     if index.ntotal != info["count"] or index.d != info["dim"]:
         raise UserError(f"{folder}: {name} holds {index.ntotal} {index.d}-d vectors but {INFO_FILE} says "
                         f"{info['count']} {info['dim']}-d; rebuild the index")
+    _check_lists(index, folder, path, on_disk)
     return index
+
+
+def _check_lists(index, folder: Path, path: Path, on_disk: bool) -> None:
+    """On-disk lists only where index_info.json says so, in the folder's index.ivfdata, and every
+    list inside that file (a list past its end would crash the first search that probes it)."""
+    import faiss
+
+    try:
+        lists = faiss.extract_index_ivf(index).invlists
+    except RuntimeError:   # not an IVF index: no inverted lists
+        lists = None
+    disk = faiss.downcast_InvertedLists(lists) if lists is not None else None
+    is_on_disk = isinstance(disk, faiss.OnDiskInvertedLists)
+    if is_on_disk != on_disk:
+        raise UserError(f"{path}: its inverted lists are {'on disk' if is_on_disk else 'in memory'} but {INFO_FILE} "
+                        f"says {'on disk' if on_disk else 'in memory'}; rebuild the index")
+    if not on_disk:
+        return
+    data = folder / IVFDATA_FILE
+    entry = disk.code_size + 8                         # a code and its int64 id
+    size = data.stat().st_size
+    if Path(disk.filename).name != IVFDATA_FILE or disk.totsize > size or any(
+            disk.lists.at(i).size > disk.lists.at(i).capacity
+            or disk.lists.at(i).offset + disk.lists.at(i).capacity * entry > disk.totsize
+            for i in range(disk.nlist)):
+        raise UserError(f"{path}: its inverted lists do not lie inside {data.name} ({size} bytes); rebuild the index")
