@@ -52,6 +52,20 @@ def test_a_metadata_file_from_another_build_is_refused(tmp_path):
         load_index_folder(first)
 
 
+def test_a_corrupt_metadata_file_is_one_line(tmp_path):
+    first, _ = _build(tmp_path, "a", seed=1)
+    path = first / "metadata.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64   # the footer still says parquet, the pages do not
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="metadata.parquet") as err:
+        load_index_folder(first)
+    assert "\n" not in str(err.value)
+    path.write_bytes(b"PAR1" + b"\0" * 100)   # not parquet at all
+    with pytest.raises(UserError, match="metadata.parquet"):
+        load_index_folder(first)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda info: info.update(format_version=1), "format_version 1"),
     (lambda info: info.update(count="300"), "'count' must be a positive integer"),

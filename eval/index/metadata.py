@@ -99,7 +99,14 @@ def load_metadata(index_dir: Path, expected_count: int, expected_checksum: str) 
     path = Path(index_dir) / METADATA_FILE
     if not path.is_file():
         raise UserError(f"{index_dir}: no {METADATA_FILE} (not an index folder made by `mmssl index build`?)")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0][:200]}); "
+                        "rebuild the index") from None
+    missing = [name for name in ("key", "caption") if name not in table.column_names]
+    if missing:
+        raise UserError(f"{path} has no {missing[0]!r} column: not the metadata of an index; rebuild the index")
     if table.num_rows != expected_count:
         raise UserError(f"{path} has {table.num_rows} rows but the index holds {expected_count} vectors: "
                         "metadata and index are out of step; rebuild the index")
