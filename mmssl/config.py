@@ -331,6 +331,8 @@ class TrainConfig:
     keep_checkpoints: int = 0     # keep only the newest N step_*.pt files (0: all)
     tensorboard: bool = False
     threads: int = 0              # torch intra-op threads; 0 keeps torch's default
+    fsdp: bool = False            # torchrun: shard the towers' blocks with FSDP2 (mmssl.train.fsdp) instead
+                                  # of replicating them; a single process trains unsharded
 
     def __post_init__(self):
         check_values("train", self, [

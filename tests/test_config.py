@@ -73,7 +73,7 @@ NON_DEFAULT = {
               "lr": 0.002, "muon_lr": 0.01, "weight_decay": 0.05, "beta1": 0.8, "beta2": 0.95, "eps": 1e-8,
               "warmup": 5, "grad_clip": None, "precision": "bf16", "compile": True, "seed": 7, "log_every": 2,
               "save_every": 10, "val_every": 5, "resume": "latest", "overwrite": False, "keep_checkpoints": 3,
-              "tensorboard": True, "threads": 2},
+              "tensorboard": True, "threads": 2, "fsdp": True},
     "finetune": {"objective": "ce", "label_smoothing": 0.1, "lp_steps": 10, "classnames": ["a", "b"]},
 }
 AT_DEFAULT = {"train.overwrite",  # train.resume is set, and a run takes only one of the two

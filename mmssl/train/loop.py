@@ -22,7 +22,9 @@ checkpoint at step k holds the state after it.
 Across ranks, gradients are averaged with one coalesced all-reduce after the backward pass instead
 of DistributedDataParallel: the objective runs the towers several times per step (contrastive
 branch, heads, the accumulation's recompute passes), which DDP's one-forward-one-backward
-bookkeeping does not fit; the averaged gradient is the same.
+bookkeeping does not fit; the averaged gradient is the same. With `train.fsdp=true` the towers'
+blocks are sharded with FSDP2 instead (`mmssl.train.fsdp`): their gradients are reduce-scattered by
+FSDP, the replicated rest goes through the same all-reduce, and checkpoints stay unsharded.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from mmssl.errors import UserError
 from mmssl.losses import clamp_logit_scale
 from mmssl.train.policy import compute_dtype, default_device, emulation_note, grad_scaler, resolve_precision
 from mmssl.train import checkpoint as ckpt
+from mmssl.train import fsdp
 from mmssl.train.accumulate import accumulated_backward
 from mmssl.train.allocator import keep_freed_memory
 from mmssl.train.attention import training_attention
@@ -94,6 +97,7 @@ def build_trainer(cfg: ExperimentConfig, env: DistEnv) -> "Trainer":
     if env.device.type == "cpu":
         keep_freed_memory()
     precision = resolve_precision(cfg.train.precision, env.device)
+    fsdp.check_supported(cfg)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = create_model(cfg.model, siglip=cfg.loss.kind == "siglip")
     objective = Objective(model, cfg, rank=env.rank, world_size=env.world_size, precision=precision).to(env.device)
@@ -139,7 +143,13 @@ class Trainer:
         self.config_record = config_record
         self.output = Path(cfg.output)
         self.device = env.device
+        self.sharded = False
+        if cfg.fsdp:
+            fsdp.check_train_section(cfg)
+            _broadcast_parameters(objective, env)   # rank 0's initial weights, before they are split
+            self.sharded = fsdp.wrap(objective, env)
         self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.replicated = [p for p in self.params if not fsdp.is_sharded(p)]   # all of them without FSDP
         self.optimizer = build_optimizer(objective, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         precision = resolve_precision(cfg.precision, self.device)
@@ -165,9 +175,10 @@ class Trainer:
             self.optimizer.state.pop(param, None)      # a re-created layer starts without moments
         if not math.isfinite(values["loss"]):
             self._diverged(self.step + 1, f"loss is {values['loss']} ({_format_terms(values)})")
-        _average_gradients(self.params, self.env)
+        _average_gradients(self.replicated, self.env)   # FSDP has already averaged the sharded ones
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
+        clip = fsdp.clip_gradients if self.sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(self.params, self.cfg.grad_clip or math.inf)
         if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
             self._diverged(self.step + 1, f"gradient norm is {grad_norm.item()}")
         self.scaler.step(self.optimizer)
@@ -279,22 +290,26 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
         """Write step_{step}.pt from rank 0 (after checking the weights are finite) and update latest."""
-        if not all(torch.isfinite(p).all() for p in self.objective.parameters()):
+        if not self._parameters_finite():
             self._diverged(self.step, "a parameter became NaN/inf")
         rng = gather_objects(self.env, ckpt.rng_state())
         data = gather_objects(self.env, self.loader.state_dict())
+        if self.sharded:   # collectives: every rank gathers, rank 0 keeps the full tensors
+            model_state, optimizer_state = fsdp.full_model_state(self.objective.model), \
+                fsdp.full_optimizer_state(self.objective, self.optimizer)
         path, failure = None, None
         if self.env.is_main:
             state = {
-                "model": self.objective.model.state_dict(),
+                "model": model_state if self.sharded else self.objective.model.state_dict(),
                 "heads": self.objective.heads_state_dict(),
                 "config": self.config_record,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state if self.sharded else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": rng,
                 "data": data,
                 "world_size": self.env.world_size,
+                **({"fsdp": True} if self.sharded else {}),
             }
             try:
                 path = str(ckpt.save_checkpoint(self.output, self.step, state, keep=self.cfg.keep_checkpoints))
@@ -305,6 +320,16 @@ class Trainer:
             raise UserError(failure)
         self.last_checkpoint = Path(path)
 
+    def _parameters_finite(self) -> bool:
+        """Whether every weight is finite (under FSDP: every rank's shards, agreed over the ranks)."""
+        finite = all(torch.isfinite(p.to_local() if fsdp.is_sharded(p) else p).all()
+                     for p in self.objective.parameters())
+        if not self.sharded:
+            return finite
+        flag = torch.tensor([float(finite)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def _resume(self, start: Optional[tuple[Path, dict]]) -> None:
         if start is None:
             return
@@ -313,9 +338,16 @@ class Trainer:
         if saved_world != self.env.world_size:
             raise UserError(f"{path} was written by {saved_world} process(es); resume it with the same number "
                             f"(now {self.env.world_size})")
-        self.objective.model.load_state_dict(state["model"])
+        fsdp.check_resume(path, state, self.sharded)
+        if self.sharded:
+            fsdp.load_full_model_state(self.objective.model, state["model"])
+        else:
+            self.objective.model.load_state_dict(state["model"])
         self.objective.load_heads_state_dict(state.get("heads", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_full_optimizer_state(self.objective, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"][self.env.rank])
@@ -342,11 +374,13 @@ def _format_terms(values: dict) -> str:
 
 
 def _broadcast_parameters(module: torch.nn.Module, env: DistEnv) -> None:
-    """Start every rank from rank 0's weights and buffers (what DDP does at construction)."""
+    """Start every rank from rank 0's weights and buffers (what DDP does at construction); FSDP's
+    shards differ by rank by design (they were cut from rank 0's weights, `Trainer.__init__`)."""
     if not env.is_distributed:
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
-        torch.distributed.broadcast(tensor.data, src=0)
+        if not fsdp.is_sharded(tensor):
+            torch.distributed.broadcast(tensor.data, src=0)
 
 
 def _targets(batch) -> Optional[torch.Tensor]:

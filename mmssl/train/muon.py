@@ -14,6 +14,8 @@ block matrices and keep AdamW (with CLIP's decay split), as the method prescribe
 One `torch.optim.Optimizer` rather than two, so the schedule (LambdaLR), checkpoints and resume
 treat it like AdamW: groups carry `muon=True/False`, and the schedule scales both learning rates.
 Muon groups get no weight decay (with lr 0.02 a decay of 0.1 would shrink weights 0.2% a step).
+Under FSDP (`train.fsdp`) a sharded matrix is gathered, orthogonalized whole on every rank, and each
+rank applies its own rows of the update, so the step is the unsharded one.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import math
 
 import torch
 from torch.optim.adamw import adamw
+
+from mmssl.train.fsdp import is_sharded
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # the published quintic, 5 iterations
 
@@ -69,7 +73,14 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(param)
         buf, beta = state["momentum_buffer"], group["momentum"]
         buf.mul_(beta).add_(param.grad)
-        update = orthogonalize(param.grad.add(buf, alpha=beta), dtype=self.newton_schulz_dtype)  # Nesterov
+        nesterov = param.grad.add(buf, alpha=beta)
+        if is_sharded(nesterov):   # train.fsdp: orthogonalize the whole matrix, keep this rank's rows
+            from torch.distributed.tensor import distribute_tensor
+
+            full = orthogonalize(nesterov.full_tensor(), dtype=self.newton_schulz_dtype)
+            update = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        else:
+            update = orthogonalize(nesterov, dtype=self.newton_schulz_dtype)
         scale = math.sqrt(max(1.0, param.shape[0] / param.shape[1]))
         param.add_(update, alpha=-group["lr"] * scale)
 

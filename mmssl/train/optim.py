@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from mmssl.train.fsdp import is_sharded
 from mmssl.train.policy import fast_matmul_dtype
 from mmssl.train.muon import MuonAdamW, is_block_matrix
 
@@ -22,15 +23,25 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters (frozen ones, e.g. LiT towers, are skipped)."""
+    """Two AdamW groups over the trainable parameters (frozen ones, e.g. LiT towers, are skipped;
+    four under FSDP: `split_sharded`)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (decay if uses_weight_decay(name, param) else no_decay).append(param)
-    return [
+    return split_sharded([
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-    ]
+    ])
+
+
+def split_sharded(groups: list[dict]) -> list[dict]:
+    """With FSDP (`train.fsdp`), each group split into its sharded (DTensor) and replicated
+    parameters, because one fused AdamW call cannot mix the two; unchanged without FSDP."""
+    if not any(is_sharded(p) for group in groups for p in group["params"]):
+        return groups
+    return [{**group, "params": [p for p in group["params"] if is_sharded(p) == sharded]}
+            for group in groups for sharded in (True, False)]
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
