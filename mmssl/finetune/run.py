@@ -27,6 +27,7 @@ def finetune(args):
         train=dataclasses.replace(cfg.train, output=args.out),
     )
     env = init_distributed()
+    finished = False
     try:
         trainer, start = build_finetuner(cfg, args, env)
         result = trainer.fit()
@@ -35,9 +36,10 @@ def finetune(args):
 
             wise_curve(start, trainer.objective, trainer.config_record, [args.val, *args.shift], args.wise, args.wise_alpha,
                        Path(args.out) / "wise", args.eval_batch_size, args.workers)
+        finished = True
         return result if env.is_main else None
     finally:
-        shutdown(env)
+        shutdown(env, together=finished)
 
 
 def build_finetuner(cfg, args, env):

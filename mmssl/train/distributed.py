@@ -44,8 +44,13 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, together: bool = True) -> None:
+    """Leave the group; `together` (a run that finished) waits for every rank first: a rank that
+    destroyed the group while a peer's last send was in flight aborted that peer under gloo
+    ("terminate called without an active exception"). A failing rank leaves at once."""
     if env.is_distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -69,10 +69,13 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     """Run `mmssl train` for a resolved config (joins the torchrun group when launched by it)."""
     resolve_precision(cfg.train.precision, default_device())  # refuse fp16 on CPU before anything starts
     env = init_distributed()
+    finished = False
     try:
-        return build_trainer(cfg, env).fit()
+        result = build_trainer(cfg, env).fit()
+        finished = True
+        return result
     finally:
-        shutdown(env)
+        shutdown(env, together=finished)
 
 
 def seed_everything(seed: int) -> None:
