@@ -69,10 +69,12 @@ class PeakMemory:
                 self.worker_max = max(self.worker_max, max(workers))
                 self.workers_total = max(self.workers_total, sum(workers))
 
-    def summary(self) -> dict:
+    def summary(self, with_workers: bool) -> dict:
         gib = 2**30
-        return {"driver_peak_rss_gib": round(self.driver / gib, 3),
-                "ray_worker_peak_rss_gib": round(self.worker_max / gib, 3),
+        driver = {"driver_peak_rss_gib": round(self.driver / gib, 3)}
+        if not with_workers:   # Ray's idle workers of earlier stages are not this command's
+            return driver
+        return {**driver, "ray_worker_peak_rss_gib": round(self.worker_max / gib, 3),
                 "ray_workers_total_peak_rss_gib": round(self.workers_total / gib, 3)}
 
 
@@ -102,7 +104,8 @@ def run_mmssl(args: list, env: dict) -> dict:
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         raise SystemExit(f"mmssl {' '.join(args[:2])} failed ({process.returncode}):\n{err[-3000:]}")
-    return {"seconds": round(seconds, 2), **memory.summary(), "stdout_tail": out.strip().splitlines()[-2:]}
+    return {"seconds": round(seconds, 2), **memory.summary("--engine" in args),
+            "stdout_tail": out.strip().splitlines()[-1:]}
 
 
 def folder_digest(folder: Path, pattern: str = "**/*") -> dict:
