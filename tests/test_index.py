@@ -108,6 +108,33 @@ def test_approximate_index_reaches_recall_target_on_held_out_queries(data, hnsw_
     assert all(low < 0.95 for low in smaller) and (smaller or knob["value"] == 1)
 
 
+def test_an_hnsw_coarse_quantizer_lets_nprobe_reach_every_cell(tmp_path):
+    """From 1024 cells the coarse quantizer is an HNSW graph; nprobe must widen its efSearch, or
+    recall stalls (0.91 with FAISS' default 16) and the target is never reached. With flat lists,
+    nprobe = nlist is exact search, also after the folder is loaded again."""
+    from eval.index.choose import plan_for_kind
+
+    n, dim = 45_000, 32
+    vectors = clustered_vectors(n + 200, dim, num_clusters=400, rank=8, seed=3)
+    plan = plan_for_kind("ivf_flat", n, dim, parse_memory("1G"))
+    assert plan.factory == "IVF1024_HNSW32,Flat"
+    built = build_index(vectors[:n], "1G", 0.95, queries=vectors[n:], num_queries=100, plan=plan, progress=False)
+    assert built.info["tuning"]["target_reached"] and built.info["held_out"]["recall"] >= 0.94
+    faiss.ParameterSpace().set_index_parameter(built.index, "nprobe", 1)
+    from eval.index.tune import set_search_param
+
+    set_search_param(built.index, "nprobe", 1024)
+    assert faiss.downcast_index(faiss.extract_index_ivf(built.index).quantizer).hnsw.efSearch == 1024
+    assert _held_out_recall(built.index, vectors[:n], vectors[n:]) == 1.0
+    np.save(tmp_path / "v.npy", vectors[:n])
+    assert main(["index", "build", "--embeddings", str(tmp_path / "v.npy"), "--out", str(tmp_path / "idx"),
+                 "--index-type", "ivf_flat"]) == 0
+    loaded = load_index_folder(tmp_path / "idx")
+    nprobe = loaded.info["search"]["value"]
+    assert faiss.downcast_index(faiss.extract_index_ivf(loaded.index).quantizer).hnsw.efSearch == nprobe
+    assert loaded.info["tuning"]["target_reached"]
+
+
 def test_lower_bound_is_two_standard_errors_below_the_mean():
     per_query = np.array([1.0, 0.9, 0.8, 1.0])   # mean 0.925, sample std 0.0957, se 0.0479
     assert recall_lower_bound(per_query) == pytest.approx(0.925 - 2 * 0.095743 / 2, abs=1e-5)

@@ -67,9 +67,26 @@ def recall_lower_bound(per_query: np.ndarray, sigmas: float = MARGIN_SIGMAS) -> 
 
 
 def set_search_param(index: faiss.Index, param: str | None, value: int | None) -> None:
-    """Set efSearch / nprobe through wrappers (OPQ pre-transforms) the way faiss' ParameterSpace does."""
-    if param is not None:
-        faiss.ParameterSpace().set_index_parameter(index, param, int(value))
+    """Set efSearch / nprobe through wrappers (OPQ pre-transforms) the way faiss' ParameterSpace does.
+
+    nprobe also widens an HNSW coarse quantizer's efSearch to nprobe: the graph returns only about
+    efSearch good cells (FAISS' default 16), so without it every probe beyond those is a poor cell
+    and recall stalls below the target however large nprobe grows (0.91 at nprobe = nlist)."""
+    if param is None:
+        return
+    space = faiss.ParameterSpace()
+    space.set_index_parameter(index, param, int(value))
+    if param == "nprobe" and _hnsw_quantizer(index) is not None:
+        space.set_index_parameter(index, "quantizer_efSearch", int(value))
+
+
+def _hnsw_quantizer(index: faiss.Index):
+    """The IVF index's coarse quantizer when it is an HNSW graph (`IVF..._HNSW32`), else None."""
+    try:
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    except RuntimeError:
+        return None
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
 
 
 def tune_search_param(index: faiss.Index, param: str | None, queries: np.ndarray, truth: np.ndarray,
