@@ -102,6 +102,41 @@ def test_on_disk_lists_answer_like_in_memory_ones_and_move_with_the_folder(data,
     assert lists_file == str(moved / "index.ivfdata")        # found beside index.faiss, not where it was built
 
 
+def test_an_on_disk_build_grows_its_lists_on_disk_on_either_engine(ray_cluster, data, in_memory, tmp_path,
+                                                                    monkeypatch):
+    """Rows are added (and Ray's parts merged) straight into lists on disk, never built whole in
+    memory first; packing them at the end gives the same index.ivfdata as moving in-memory lists."""
+    import faiss
+
+    from eval.index import store
+
+    packed_from = []
+    move = store.move_lists_on_disk
+
+    def recording_move(index, path):
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        packed_from.append(type(lists).__name__)
+        move(index, path)
+
+    reference = tmp_path / "reference.ivfdata"          # the in-memory build's lists, moved to disk
+    move(load_index_folder(in_memory).index, reference)
+    monkeypatch.setattr(store, "move_lists_on_disk", recording_move)
+    root, queries = data
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        assert run("--embeddings", root / "vectors.npy", "--out", out, "--index-type", "ivf_flat", "--on-disk",
+                   "--engine", engine) == 0
+        assert packed_from[-1] == "OnDiskInvertedLists"
+        assert info(out)["on_disk"] is True and info(out)["held_out"] == info(in_memory)["held_out"]
+        assert (out / "index.ivfdata").read_bytes() == reference.read_bytes()
+        assert sorted(p.name for p in out.iterdir()) == ["index.faiss", "index.ivfdata", "index_info.json",
+                                                         "metadata.parquet"]
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no staging left
+        scores, ids = answers(in_memory, queries)
+        disk_scores, disk_ids = answers(out, queries)
+        assert np.array_equal(disk_ids, ids) and np.array_equal(disk_scores, scores)
+
+
 def test_a_tampered_list_file_is_refused_in_one_line(on_disk, tmp_path, capsys):
     copy = shutil.copytree(on_disk, tmp_path / "tampered")
     with open(copy / "index.ivfdata", "r+b") as handle:

@@ -21,6 +21,7 @@ way the trained index, the held-out rows and the ids are the same, so is everyth
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -105,7 +106,7 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
                 queries: np.ndarray | None = None, query_source: str = "given queries", k: int = 10,
                 num_queries: int = 1000, seed: int = 0,
                 plan: IndexPlan | None = None, progress: bool = True,
-                add_rows: AddRows = add_locally) -> BuiltIndex:
+                add_rows: AddRows = add_locally, lists_file=None) -> BuiltIndex:
     """The index ready to search, its info dict, and its id order. Up to 2 * `num_queries` queries
     are used, half to tune and half to check: rows of `queries`, or (when None) rows held out of
     `vectors` until tuning is done. `add_rows` adds the rows that are not held out."""
@@ -136,7 +137,14 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
         # polysemous codes only pay off with Hamming-threshold search, which we do not use
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     train_s = _train(index, plan, vectors, rng, held)
-    added = add_rows(index, plan, vectors, held, progress)
+    quiet = contextlib.nullcontext()
+    if lists_file is not None:   # --on-disk: the lists grow in that file, never whole in memory
+        from eval.index.store import attach_lists_on_disk, quiet_c_stdout
+
+        attach_lists_on_disk(index, lists_file)
+        quiet = quiet_c_stdout()  # FAISS printf()s every resize of the file
+    with quiet:
+        added = add_rows(index, plan, vectors, held, progress)
     if index.ntotal != n - len(held):
         raise RuntimeError(f"the add step left {index.ntotal} vectors in the index, not {n - len(held)}")
 
@@ -153,7 +161,8 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
     tune_s = time.perf_counter() - tune_started
     order = None
     if len(held):
-        index.add(queries_unit)  # the held-out rows join the index last
+        with quiet_c_stdout() if lists_file is not None else contextlib.nullcontext():
+            index.add(queries_unit)  # the held-out rows join the index last
         order = np.concatenate([np.setdiff1d(np.arange(n), held, assume_unique=True), held])
 
     info = {

@@ -164,7 +164,9 @@ def run_build(args: argparse.Namespace) -> int:
     from eval.index.build import build_index
     from eval.index.choose import parse_memory
     from eval.index.collection import from_embeddings, from_shards
-    from eval.index.store import save_index_folder
+    import shutil
+
+    from eval.index.store import lists_file_for, save_index_folder
     from mmssl.errors import require
     from mmssl.models.refs import checkpoint_ref
 
@@ -203,18 +205,24 @@ def run_build(args: argparse.Namespace) -> int:
     from eval.index.ray_build import rows_adder
 
     plan = _scale_plan(args, collection.vectors)
-    with rows_adder(args.engine, args.ray_address) as add_rows:
-        built = build_index(collection.vectors, args.memory_budget, args.recall_target,
-                            queries=collection.queries, query_source=collection.query_source,
-                            plan=plan, add_rows=add_rows)
-    metadata = collection.metadata if built.order is None else collection.metadata.take(built.order)
-    extra, text_index = {}, None
-    if with_text:
-        text_built = build_caption_index(collection, built.order, args.memory_budget, args.recall_target)
-        text_index, extra["text_index"] = text_built.index, text_built.info
-    info = save_index_folder(args.out, built.index, {**built.info, **extra, "source": collection.source,
-                                                     "image_roots": collection.image_roots}, metadata, model,
-                             text_index=text_index, on_disk=args.on_disk)
+    lists_file = lists_file_for(args.out) if args.on_disk else None   # the lists grow on disk
+    try:
+        with rows_adder(args.engine, args.ray_address) as add_rows:
+            built = build_index(collection.vectors, args.memory_budget, args.recall_target,
+                                queries=collection.queries, query_source=collection.query_source,
+                                plan=plan, add_rows=add_rows, lists_file=lists_file)
+        metadata = collection.metadata if built.order is None else collection.metadata.take(built.order)
+        extra, text_index = {}, None
+        if with_text:
+            text_built = build_caption_index(collection, built.order, args.memory_budget, args.recall_target)
+            text_index, extra["text_index"] = text_built.index, text_built.info
+        info = save_index_folder(args.out, built.index, {**built.info, **extra, "source": collection.source,
+                                                         "image_roots": collection.image_roots}, metadata, model,
+                                 text_index=text_index, on_disk=args.on_disk)
+    except BaseException:
+        if lists_file is not None:
+            shutil.rmtree(lists_file.parent, ignore_errors=True)
+        raise
     tuning, held_out, built = info["tuning"], info["held_out"], info["index"]
     knob = f", {info['search']['param']}={info['search']['value']}" if info["search"]["param"] else ""
     checked = f", {held_out['recall']:.3f} held out" if held_out["recall"] is not None else ""

@@ -77,7 +77,7 @@ def ray_add_rows(ray) -> AddRows:
         keep = kept_rows(len(vectors), skip)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         bounds = part_bounds(len(keep), cpus)
-        empty = ray.put(faiss.serialize_index(index))
+        empty = ray.put(serialized_empty(index))
         part_bytes = 4 * vectors.shape[1] * max(stop - start for start, stop in bounds)
         window = max(2, min(PARTS_IN_FLIGHT_PER_CPU * cpus, IN_FLIGHT_BYTES // part_bytes))
         pending, nodes, merge_s = collections.deque(), set(), 0.0
@@ -105,6 +105,25 @@ def ray_add_rows(ray) -> AddRows:
         return AddReport(engine, add_s=time.perf_counter() - started - merge_s, merge_s=merge_s)
 
     return add
+
+
+def serialized_empty(index) -> np.ndarray:
+    """The trained, empty IVF `index` as bytes for the tasks, with in-memory lists: the driver's may
+    be on-disk lists (`--on-disk`), which name a file the tasks have no business opening."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    if not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists):
+        return faiss.serialize_index(index)
+    lists, owned = ivf.invlists, ivf.own_invlists
+    ivf.own_invlists = False        # keep the driver's lists alive while a stand-in is in place
+    stand_in = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(stand_in, True)
+    stand_in.this.disown()          # the index frees it when the driver's lists come back
+    try:
+        return faiss.serialize_index(index)
+    finally:
+        ivf.replace_invlists(lists, owned)
 
 
 def merge_part(index, part, offset: int) -> None:

@@ -48,6 +48,7 @@ INDEX_FILE = "index.faiss"
 TEXT_INDEX_FILE = "text_index.faiss"
 INFO_FILE = "index_info.json"
 IVFDATA_FILE = "index.ivfdata"      # the image index's inverted lists, with --on-disk
+GROWN_LISTS_FILE = "lists.growing"  # where an --on-disk build adds to its lists (staging only)
 FOLDER_FILES = (INDEX_FILE, TEXT_INDEX_FILE, METADATA_FILE, INFO_FILE, IVFDATA_FILE)
 MODALITIES = ("image", "text")
 INDEX_FILES = {"image": INDEX_FILE, "text": TEXT_INDEX_FILE}    # modality -> its FAISS file
@@ -113,18 +114,25 @@ def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table
     for built in (index, text_index):
         if built is not None and metadata.num_rows != built.ntotal:
             raise ValueError(f"metadata has {metadata.num_rows} rows for {built.ntotal} vectors")
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(out)
+    grown = staging / GROWN_LISTS_FILE
+    built_on_disk = on_disk and _lists_path(index) == grown
+    if not built_on_disk:
+        shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir(parents=True)
+        staging.mkdir(parents=True, exist_ok=built_on_disk)
         data_files = [INDEX_FILE, METADATA_FILE]
         if on_disk:
             moving = time.perf_counter()
+            # lists grown on disk keep the slack of every resize; the copy packs them (reading
+            # through the page cache, so memory stays bounded either way)
             move_lists_on_disk(index, staging / IVFDATA_FILE)
+            grown.unlink(missing_ok=True)
             data_files.append(IVFDATA_FILE)
             info = {**info, "timings_s": {**info.get("timings_s", {}),
                                           "move_on_disk": round(time.perf_counter() - moving, 3)}}
-        faiss.write_index(index, str(staging / INDEX_FILE))
+        with _lists_named_by_base_name(index):
+            faiss.write_index(index, str(staging / INDEX_FILE))
         if text_index is not None:
             faiss.write_index(text_index, str(staging / TEXT_INDEX_FILE))
             data_files.append(TEXT_INDEX_FILE)
@@ -147,28 +155,98 @@ def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table
     return info
 
 
+def staging_folder(out: Path) -> Path:
+    """Where this process builds the folder that replaces `out` (a killed build's is cleaned up by
+    recover_interrupted_build)."""
+    return out.parent / f".{out.name}.building-{os.getpid()}"
+
+
+def lists_file_for(out_dir: str | Path) -> Path:
+    """The file an `--on-disk` build grows its lists in while it runs, inside the staging folder
+    that save_index_folder packs into index.ivfdata and swaps in: the lists never sit in memory."""
+    out = Path(out_dir)
+    recover_interrupted_build(out)
+    _check_replaceable(out)
+    staging = staging_folder(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging / GROWN_LISTS_FILE
+
+
+def attach_lists_on_disk(index, path: Path) -> None:
+    """Give the trained, empty IVF `index` empty OnDiskInvertedLists at `path`: every add (and
+    every merged part) then goes into that file, through the page cache."""
+    import faiss
+
+    ivf = _ivf_of(index)
+    if ivf.ntotal:
+        raise ValueError("on-disk lists are attached to the trained, empty index")
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()           # the index owns (and frees) the lists now
+
+
+def _ivf_of(index):
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        raise UserError("--on-disk needs an IVF index (ivf_flat or opq_ivf_pq)") from None
+
+
+def _on_disk_lists(index):
+    """The index's OnDiskInvertedLists, or None (not IVF, or lists in memory)."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def _lists_path(index) -> Path | None:
+    lists = _on_disk_lists(index)
+    return Path(lists.filename) if lists is not None else None
+
+
+@contextlib.contextmanager
+def _lists_named_by_base_name(index):
+    """While index.faiss is written, its on-disk lists are named by base name only, to be found
+    beside it (IO_FLAG_ONDISK_SAME_DIR) wherever the folder moves; the full path is needed again
+    after, should the index grow."""
+    lists = _on_disk_lists(index)
+    if lists is None:
+        yield
+        return
+    full = lists.filename
+    lists.filename = Path(full).name
+    try:
+        yield
+    finally:
+        lists.filename = full
+
+
 def move_lists_on_disk(index, path: Path) -> None:
     """Copy the IVF `index`'s inverted lists into an OnDiskInvertedLists file at `path` and make
     the index use it (the in-memory lists are freed). The file is named by its base name only, to
     be found beside index.faiss (IO_FLAG_ONDISK_SAME_DIR) wherever the folder moves."""
     import faiss
 
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        raise UserError("--on-disk needs an IVF index (ivf_flat or opq_ivf_pq)") from None
+    ivf = _ivf_of(index)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
     sources = faiss.InvertedListsPtrVector()
     sources.push_back(ivf.invlists)
-    with _quiet_c_stdout():       # FAISS printf()s each resize of the file
+    with quiet_c_stdout():       # FAISS printf()s each resize of the file
         lists.merge_from_multiple(sources.data(), sources.size(), False)
-    lists.filename = path.name
     ivf.replace_invlists(lists, True)
     lists.this.disown()           # the index owns (and frees) the lists now
 
 
 @contextlib.contextmanager
-def _quiet_c_stdout():
+def quiet_c_stdout():
     """Send what C code prints to stdout during the block to /dev/null (FAISS' on-disk lists
     report file moves with printf, which would land in the middle of a command's output)."""
     import ctypes
@@ -349,7 +427,7 @@ def _read_faiss_file(folder: Path, name: str, info: dict):
     try:
         # SAME_DIR: on-disk lists are only ever looked up beside the .faiss file, never at a path
         # the file names; READ_ONLY: they are mapped read-only
-        with _quiet_c_stdout():
+        with quiet_c_stdout():
             index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as err:
         raise UserError(f"{path}: FAISS cannot read it ({str(err).splitlines()[0]})") from None
