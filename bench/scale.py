@@ -187,10 +187,13 @@ def stage_index(work: Path, vectors: int, dim: int, budget: str, kind: str, env:
 
 
 def _search(folder: Path, queries: np.ndarray):
+    """Scores and the row numbers of the hits (the keys: FAISS ids put held-out rows last)."""
     from eval.index.store import load_index_folder
 
     loaded = load_index_folder(folder)
-    return loaded.index.search(np.ascontiguousarray(queries), 10)
+    scores, ids = loaded.index.search(np.ascontiguousarray(queries), 10)
+    rows = np.array([int(key) for key in loaded.metadata.keys], dtype=np.int64)
+    return scores, np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
 
 
 def _exact(vectors, queries):
