@@ -44,7 +44,7 @@ class PeakMemory:
 
     def __init__(self, root_pid: int, every: float = 0.2):
         self.root_pid, self.every = root_pid, every
-        self.driver = self.worker_max = self.workers_total = 0
+        self.driver = self.driver_anon = self.worker_max = self.workers_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -62,6 +62,7 @@ class PeakMemory:
                 root = psutil.Process(self.root_pid)
                 tree = [root] + root.children(recursive=True)
                 self.driver = max(self.driver, sum(_rss(p) for p in tree))
+                self.driver_anon = max(self.driver_anon, sum(_anon(p.pid) for p in tree))
             except psutil.NoSuchProcess:
                 pass
             workers = [_rss(p) for p in psutil.process_iter(["name", "cmdline"]) if _is_ray_worker(p)]
@@ -71,7 +72,8 @@ class PeakMemory:
 
     def summary(self, with_workers: bool) -> dict:
         gib = 2**30
-        driver = {"driver_peak_rss_gib": round(self.driver / gib, 3)}
+        driver = {"driver_peak_rss_gib": round(self.driver / gib, 3),
+                  "driver_peak_anon_rss_gib": round(self.driver_anon / gib, 3)}
         if not with_workers:   # Ray's idle workers of earlier stages are not this command's
             return driver
         return {**driver, "ray_worker_peak_rss_gib": round(self.worker_max / gib, 3),
@@ -83,6 +85,18 @@ def _rss(process: psutil.Process) -> int:
         return process.memory_info().rss
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
+
+
+def _anon(pid: int) -> int:
+    """Anonymous resident bytes (heap, not page cache of mapped files) of one process."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _is_ray_worker(process: psutil.Process) -> bool:
@@ -213,16 +227,21 @@ def _sizes(folder: Path) -> dict:
     return {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _load_rss(folder: Path) -> float:
-    """RSS growth (MiB) of a fresh process that loads the index folder and answers 100 queries:
-    what a search service holds beyond its model."""
-    code = ("import resource,sys,numpy as np\nfrom eval.index.store import load_index_folder\n"
-            "import psutil\np=psutil.Process();before=p.memory_info().rss\n"
+def _load_rss(folder: Path) -> dict:
+    """RSS growth (MiB: anonymous, file-backed, shared) of a fresh process that loads the index
+    folder and answers 100 queries: what a search service holds beyond its model. File-backed
+    pages (on-disk lists read through mmap) are page cache the kernel may drop."""
+    code = ("import json,numpy as np\nfrom eval.index.store import load_index_folder\n"
+            "def rss():\n"
+            "    f=dict(l.split(':',1) for l in open('/proc/self/status') if l.startswith('Rss'))\n"
+            "    return {k:int(v.split()[0])/1024 for k,v in f.items()}\n"
+            "before=rss()\n"
             f"f=load_index_folder({str(folder)!r})\n"
             "q=np.random.default_rng(1).standard_normal((100,f.info['dim'])).astype('float32')\n"
-            "f.index.search(q,10)\nprint((p.memory_info().rss-before)/2**20)\n")
+            "f.index.search(q,10)\nafter=rss()\n"
+            "print(json.dumps({k:round(after[k]-before[k],1) for k in after}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return round(float(out.stdout.strip().splitlines()[-1]), 1)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
