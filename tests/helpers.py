@@ -12,7 +12,10 @@ import http.server
 import io
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -121,6 +124,19 @@ def assert_resumes_exactly(make_config, reference: Path, straight, output: Path,
     resumed = train(make_config(output, f"train.steps={steps}", "train.resume=latest"))
     assert resumed.losses == straight.losses[half:]
     assert logged_losses(output) == logged_losses(reference)
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
+                                    reason="torchrun not installed")
+
+
+def torchrun_mmssl_train(overrides: list, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m mmssl train --config tiny OVERRIDES`, one
+    thread per process (2 processes on 2 cores), output captured."""
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "mmssl", "train",
+                           "--config", "tiny", *overrides], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def close_process_group() -> None:

@@ -1,13 +1,8 @@
 """`torchrun --nproc_per_node 2 -m mmssl train` on CPU (gloo): one writer, a global contrastive batch."""
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import write_micro_model
+from helpers import needs_torchrun, torchrun_mmssl_train, write_micro_model
 from mmssl.cli import main
 from mmssl.config import load_config
 from mmssl.train.metrics import read_metrics
@@ -33,10 +28,6 @@ def first_global_batch_loss(cfg) -> float:
         return Objective(model, cfg)(torch.cat(images), torch.cat(texts), step=0)["loss"].item()
 
 
-needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-
-
 def torchrun_train(tmp_path, num_train: int, *extra) -> list:
     """`torchrun --nproc_per_node 2 -m mmssl train` on a fresh synthetic world and the micro model,
     one thread per process; returns the overrides it ran with."""
@@ -46,10 +37,7 @@ def torchrun_train(tmp_path, num_train: int, *extra) -> list:
     overrides = [f"model.name={tmp_path / 'micro.json'}", f"data.train={tmp_path / 'syn/train'}", "data.val=null",
                  "data.workers=0", "data.shuffle_buffer=32", f"train.output={tmp_path / 'run'}",
                  "train.log_every=1", "train.precision=fp32", *extra]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmssl", "train",
-                           "--config", "tiny", *overrides], env=env, capture_output=True, text=True, timeout=120)
+    done = torchrun_mmssl_train(overrides)
     assert done.returncode == 0, [line for line in done.stderr.splitlines() if "Error" in line or "mmssl" in line]
     return overrides
 

@@ -1,21 +1,15 @@
 """`train.fsdp=true` (mmssl.train.fsdp) under `torchrun --nproc_per_node 2` on CPU (gloo): the same
 losses and weights as the unsharded run, exact resume, checkpoints that load in one process."""
-import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import mmssl
-from helpers import write_micro_model
+from helpers import needs_torchrun, torchrun_mmssl_train, write_micro_model
 from mmssl.cli import main
 from mmssl.train.metrics import read_metrics
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None,
-                                    reason="torchrun not installed")
 # four steps of 8 samples per rank, a checkpoint after step 2 and after step 4; grad_clip=1 clips here
 RUN = ["train.batch_size=8", "train.steps=4", "train.warmup=2", "train.save_every=2", "train.log_every=1",
        "train.precision=fp32", "data.workers=0", "data.shuffle_buffer=32", "data.val=null"]
@@ -34,9 +28,7 @@ def torchrun(world, output: str, *extra) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m mmssl train` of the micro model, one thread per process."""
     overrides = [f"model.name={world / 'micro.json'}", f"data.train={world / 'syn/train'}",
                  f"train.output={world / output}", *RUN, *extra]
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "mmssl", "train",
-                           "--config", "tiny", *overrides], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
+    return torchrun_mmssl_train(overrides)
 
 
 def train_ok(world, output: str, *extra) -> dict:
