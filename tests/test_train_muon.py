@@ -7,7 +7,7 @@ from mmssl.cli import main
 from mmssl.config import load_config
 from mmssl.models import create_model
 from mmssl.train.loop import build_trainer, train
-from mmssl.train.muon import MuonAdamW, is_block_matrix, orthogonalize
+from mmssl.train.muon import NEWTON_SCHULZ_COEFFS, MuonAdamW, is_block_matrix, orthogonalize, orthogonalize_all
 from mmssl.train.optim import build_optimizer, build_scheduler
 
 
@@ -17,6 +17,51 @@ def test_orthogonalize_flattens_the_spectrum():
     singular = torch.linalg.svdvals(orthogonalize(matrix))
     assert singular.min() > 0.5 and singular.max() < 1.3
     assert orthogonalize(matrix.T).shape == (32, 96)
+
+
+def one_matrix_newton_schulz(matrix, steps=5, dtype=torch.float32):
+    """The quintic iteration on one matrix with plain 2-d matmuls: the reference for the batches."""
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    x = matrix.to(dtype)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(matrix.dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_same_shape_matrices_are_orthogonalized_together_as_one_at_a_time(dtype, tolerance):
+    torch.manual_seed(0)
+    # the tiny ViT's block shapes (in_proj, out_proj, c_fc, c_proj), two of each, tall and wide
+    shapes = [(576, 192), (192, 192), (768, 192), (192, 768)] * 2 + [(40, 24)]
+    matrices = [torch.randn(*shape) for shape in shapes]
+    batched = orthogonalize_all(matrices, dtype=dtype)
+    for matrix, result in zip(matrices, batched):
+        reference = one_matrix_newton_schulz(matrix, dtype=dtype)
+        assert result.shape == matrix.shape and result.dtype == matrix.dtype
+        assert (result - reference).abs().max() < tolerance * reference.abs().max()
+
+
+def test_a_muon_step_over_many_matrices_is_each_matrix_stepped_alone():
+    torch.manual_seed(1)
+    shapes = [(48, 16), (16, 48), (48, 16), (16, 16)]
+    together = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    optimizer = MuonAdamW([{"params": together, "muon": True}], lr=0.02, newton_schulz_dtype=torch.float32)
+    singles = [MuonAdamW([{"params": [p], "muon": True}], lr=0.02, newton_schulz_dtype=torch.float32)
+               for p in alone]
+    for _ in range(3):
+        grads = [torch.randn(*shape) for shape in shapes]
+        for p, q, g in zip(together, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        optimizer.step()
+        for single in singles:
+            single.step()
+    for p, q in zip(together, alone):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_adamw_groups_match_torch_adamw():

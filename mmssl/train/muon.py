@@ -31,16 +31,29 @@ NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # the published quintic, 5 ite
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T of `matrix` = U S V^T: singular values within ~100x of the largest end in ~[0.5, 1.2]."""
+    return orthogonalize_all([matrix], steps, dtype)[0]
+
+
+def orthogonalize_all(matrices: list, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> list:
+    """`orthogonalize` of every matrix, those of one shape (after turning tall ones wide) stacked
+    and iterated together as batched matmuls: the tiny ViT's 32 block matrices fall into 3 shapes,
+    so a step runs 3 small batched products per iteration instead of 32 separate ones."""
     a, b, c = NEWTON_SCHULZ_COEFFS
-    x = matrix.to(dtype)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(matrix.dtype)
+    oriented = [m.to(dtype).mT if m.shape[0] > m.shape[1] else m.to(dtype) for m in matrices]
+    by_shape: dict = {}
+    for i, x in enumerate(oriented):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    results = [None] * len(matrices)
+    for rows in by_shape.values():
+        x = torch.stack([oriented[i] for i in rows])
+        x = x / (torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + 1e-7)
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        for i, result in zip(rows, x):
+            tall = matrices[i].shape[0] > matrices[i].shape[1]
+            results[i] = (result.mT if tall else result).to(matrices[i].dtype)
+    return results
 
 
 def is_block_matrix(name: str, param: torch.Tensor) -> bool:
@@ -59,30 +72,36 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        muon = []                      # (param, group) of every Muon matrix, stepped together
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
-                for param in params:
-                    self._muon(param, group)
+                muon.extend((param, group) for param in params)
             elif params:
                 self._adamw(params, group)
+        if muon:
+            self._muon(muon)
 
-    def _muon(self, param: torch.Tensor, group: dict) -> None:
-        state = self.state[param]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(param)
-        buf, beta = state["momentum_buffer"], group["momentum"]
-        buf.mul_(beta).add_(param.grad)
-        nesterov = param.grad.add(buf, alpha=beta)
-        if is_sharded(nesterov):   # train.fsdp: orthogonalize the whole matrix, keep this rank's rows
-            from torch.distributed.tensor import distribute_tensor
+    def _muon(self, entries: list) -> None:
+        """Nesterov momentum of every matrix, orthogonalized in same-shape batches, then applied."""
+        directions = []
+        for param, group in entries:
+            state = self.state[param]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(param)
+            buf, beta = state["momentum_buffer"], group["momentum"]
+            buf.mul_(beta).add_(param.grad)
+            nesterov = param.grad.add(buf, alpha=beta)
+            # train.fsdp: orthogonalize the whole matrix, each rank keeps its own rows (below)
+            directions.append(nesterov.full_tensor() if is_sharded(nesterov) else nesterov)
+        updates = orthogonalize_all(directions, dtype=self.newton_schulz_dtype)
+        for (param, group), update in zip(entries, updates):
+            if is_sharded(param):
+                from torch.distributed.tensor import distribute_tensor
 
-            full = orthogonalize(nesterov.full_tensor(), dtype=self.newton_schulz_dtype)
-            update = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        else:
-            update = orthogonalize(nesterov, dtype=self.newton_schulz_dtype)
-        scale = math.sqrt(max(1.0, param.shape[0] / param.shape[1]))
-        param.add_(update, alpha=-group["lr"] * scale)
+                update = distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
+            scale = math.sqrt(max(1.0, param.shape[0] / param.shape[1]))
+            param.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw(self, params: list, group: dict) -> None:
         """torch's own AdamW update over the group (its fused kernel where the device has one)."""
