@@ -5,7 +5,8 @@ at batch 128, in fp32 and in bf16 autocast; each run's first steps (start-up, al
 compile warm-up) are dropped and samples/s is taken over the remaining steps from the trainers'
 own logs (open_clip's per-window batch time, our metrics.jsonl), so process start-up counts for
 neither. Also reported: model FLOPs per sample (torch's FlopCounterMode over one forward+backward),
-our achieved FLOP/s, and the bf16 / fp32 peak of a 2048x2048 matmul measured here and now.
+our achieved FLOP/s, the bf16 / fp32 peak of a 2048x2048 matmul measured here and now, and the
+bf16 rate this CPU reaches at the step's own GEMM shapes (`shape_limit`), the fair ceiling.
 
 open_clip's trainer needs webdataset<=0.2.86 (we use 1.x) and pandas, so it runs from an
 isolated `bench/.anchor` target directory (installed on first use, gitignored), put first on its
@@ -66,6 +67,7 @@ def main() -> None:
     result = {"batch_size": BATCH, "steps": args.steps, "skipped_steps": args.skip, "model": MODEL_JSON.stem,
               "threads": _threads(), "load_avg_1m_start": os.getloadavg()[0]}
     result["peak_flops"] = matmul_peaks()
+    result["shape_limit"] = shape_limit()
     result["model_gflops_per_sample"] = model_flops_per_sample() / 1e9
     result["mmssl_executed_gflops_per_sample"] = model_flops_per_sample(shard_captions(shards)) / 1e9
     anchor = {}
@@ -93,6 +95,7 @@ def main() -> None:
     flops = result["mmssl_executed_gflops_per_sample"] * ours[best_ours]
     result["mmssl_best_gflops_per_s"] = round(flops, 1)
     result["mmssl_best_fraction_of_bf16_peak"] = round(flops / result["peak_flops"]["bf16_gflops"], 3)
+    result["mmssl_best_fraction_of_shape_limit"] = round(flops / result["shape_limit"]["bf16_gflops"], 3)
     result["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
 
@@ -168,6 +171,61 @@ def model_flops_per_sample(captions: list | None = None, batch: int = 8) -> floa
     with FlopCounterMode(display=False) as counter:
         objective(images, texts, step=0)["loss"].backward()
     return counter.get_total_flops() / batch
+
+
+def shape_limit(batch: int = BATCH, repeats: int = 10) -> dict:
+    """The bf16 GEMM rate this CPU reaches at the tiny step's own matmul shapes.
+
+    One forward + backward of the contrastive step under bf16 autocast records every mm / addmm /
+    bmm / baddbmm with its operand shapes (a dispatch mode); each distinct shape is then timed
+    alone (best of `repeats`). The limit is the step's GEMM FLOPs over the time those GEMMs take at
+    their standalone rates: what a step made of nothing but these matmuls would reach. Small
+    projection-sized products are far below the 2048^2 peak, so this is the fair ceiling.
+    """
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmssl.config import load_config
+    from mmssl.models import create_model
+    from mmssl.objective import Objective
+
+    operands = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+    class GemmShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in operands:
+                i, j = operands[name]
+                self.seen[(tuple(args[i].shape), tuple(args[j].shape))] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config("tiny", [])
+    model = create_model(cfg.model)
+    objective = Objective(model, cfg)
+    images = torch.randn(batch, 3, 64, 64)
+    texts = torch.randint(0, 49408, (batch, model.tokenizer.context_length))
+    shapes = GemmShapes()
+    with torch.autocast("cpu", dtype=torch.bfloat16), shapes:
+        objective(images, texts, step=0)["loss"].backward()
+    total_flops = total_s = 0.0
+    rates = []
+    for (a, b), count in shapes.seen.items():
+        x, y = torch.randn(*a, dtype=torch.bfloat16), torch.randn(*b, dtype=torch.bfloat16)
+        product = (lambda: torch.bmm(x, y)) if len(a) == 3 else (lambda: x @ y)
+        product()
+        seconds = min(_timed(product) for _ in range(repeats))
+        flops = 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1)
+        total_flops += flops * count
+        total_s += seconds * count
+        rates.append([list(a), list(b), count, round(flops / seconds / 1e9, 1)])
+    return {"bf16_gflops": round(total_flops / total_s / 1e9, 1), "gemm_gflops_per_sample": round(total_flops / batch / 1e9, 4),
+            "shapes": sorted(rates, key=lambda r: -r[2])}
 
 
 def shard_captions(shards: Path, count: int = 64) -> list:
