@@ -203,6 +203,31 @@ def test_periodic_zero_shot_validation_matches_eval(world, tmp_path):
     assert records[-1]["val/acc5"] == pytest.approx(final["acc5"])
 
 
+def test_records_count_wall_time_without_validation(world, tmp_path, monkeypatch):
+    """train_wall_s (the clock a time-to-accuracy figure reads) grows with training, not with the
+    periodic validation, whose own seconds are each val record's val_s."""
+    import time
+
+    from mmssl.train import validation
+
+    def slow_validation(self, model):
+        time.sleep(0.6)
+        return {"acc1": 0.5}
+
+    monkeypatch.setattr(validation.ZeroShotValidation, "__call__", slow_validation)
+    began = time.perf_counter()
+    train(config(world, tmp_path, f"data.val={world / 'syn/val'}", "train.steps=6", "train.val_every=2",
+                 "train.log_every=1"))
+    took = time.perf_counter() - began
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    walls = [r["train_wall_s"] for r in records]
+    assert walls == sorted(walls) and 0 < walls[0] and walls[-1] < took - 3 * 0.6
+    assert [r["step"] for r in records if "val_s" in r] == [2, 4, 6]
+    assert all(0.6 <= r["val_s"] < 1.5 for r in records if "val_s" in r)
+    # two validations lie between steps 2 and 5; none of their 1.2 s shows in the training clock
+    assert walls[4] - walls[1] < took - sum(r["val_s"] for r in records if "val_s" in r)
+
+
 def test_validation_without_eval_package_is_a_message(monkeypatch, capsys):
     import sys
 

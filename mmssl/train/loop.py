@@ -68,10 +68,11 @@ class TrainResult:
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Run `mmssl train` for a resolved config (joins the torchrun group when launched by it)."""
     resolve_precision(cfg.train.precision, default_device())  # refuse fp16 on CPU before anything starts
+    began = time.perf_counter()   # records' train_wall_s counts from here: model and loader building included
     env = init_distributed()
     finished = False
     try:
-        result = build_trainer(cfg, env).fit()
+        result = build_trainer(cfg, env).fit(began)
         finished = True
         return result
     finally:
@@ -216,8 +217,13 @@ class Trainer:
         )
 
     # ---- the run -----------------------------------------------------------------------
-    def fit(self) -> TrainResult:
+    def fit(self, began: float | None = None) -> TrainResult:
+        """Train to `train.steps`. Every record carries `train_wall_s`: seconds since `began`
+        (default: now) without the time spent in periodic validation, which val records report
+        as `val_s` (what a time-to-accuracy measurement needs)."""
         t = self.cfg
+        began = time.perf_counter() if began is None else began
+        validation_s = 0.0
         main = self.env.is_main
         if main and self.precision_note:
             sys.stderr.write(self.precision_note + "\n")
@@ -244,8 +250,12 @@ class Trainer:
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     record = self._log_record(window, timer.summary(samples_per_step))
+                    record["train_wall_s"] = round(time.perf_counter() - began - validation_s, 3)
                     if t.val_every and self.step % t.val_every == 0:
+                        validating = time.perf_counter()
                         record.update(self._validate())
+                        record["val_s"] = round(time.perf_counter() - validating, 3)
+                        validation_s += record["val_s"]
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
                                     lr=f"{record['lr']:.2e}")
