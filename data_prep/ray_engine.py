@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mmssl.engines import ray_resources, ray_session
+from mmssl.engines import ray_get, ray_resources, ray_session
 from mmssl.errors import UserError
 
 from data_prep import pipeline, shards
@@ -85,11 +85,9 @@ def _result(ray, ref, shard: int) -> str:
     """A finished task's node id, or its failure as one UserError line."""
     name = shards.shard_name(shard)
     try:
-        return ray.get(ref)
+        return ray_get(ray, ref)     # the output itself (disk full, permissions): its own line
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
-        if isinstance(cause, UserError):  # the output itself (disk full, permissions): its own line
-            raise UserError(str(cause)) from None
         reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
         raise UserError(f"the Ray task writing {name} failed ({reason.splitlines()[0]}); the shards "
                         "written so far are kept: rerun with --resume") from None

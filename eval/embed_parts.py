@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.input_hash import file_sha256
 from mmssl.errors import UserError
 
 INFO_FILE = "embed_info.json"
@@ -181,14 +182,6 @@ def _write_atomic(path: Path, data: bytes) -> dict:
 
 def write_json_atomic(path: Path, record: dict) -> None:
     _write_atomic(Path(path), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- the driver's view of OUT ------------------------------------------------------------------

@@ -69,14 +69,11 @@ def run_parts(ray, parts: list[Part], out: str, settings: Settings) -> list[dict
 
 def _result(ray, ref, part: Part) -> dict:
     """The part's record; a UserError raised on an actor, or an actor that kept dying, is one line."""
+    from mmssl.engines import ray_get
     from mmssl.errors import UserError
 
     try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, UserError):
-            raise UserError(str(err.cause)) from None
-        raise
+        return ray_get(ray, ref)
     except ray.exceptions.RayActorError:
         raise UserError(f"part {part.name}: its Ray worker died {RESTARTS + 1} times; the finished parts are "
                         "kept, rerun to resume") from None

@@ -55,6 +55,17 @@ def ray_session(address: str | None = None):
         ray.shutdown()
 
 
+def ray_get(ray, ref):
+    """`ray.get(ref)`; a UserError raised inside the task or actor (a full disk, a bad input) comes
+    back as that same one line. Any other failure is Ray's exception, for the caller to word."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(getattr(err, "cause", None), UserError):
+            raise UserError(str(err.cause)) from None
+        raise
+
+
 def ray_resources(ray) -> dict:
     """The cluster's total resources (CPU, GPU, memory ...), as Ray reports them."""
     return dict(ray.cluster_resources())

@@ -137,13 +137,13 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
         # polysemous codes only pay off with Hamming-threshold search, which we do not use
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     train_s = _train(index, plan, vectors, rng, held)
-    quiet = contextlib.nullcontext()
+    adding = contextlib.nullcontext
     if lists_file is not None:   # --on-disk: the lists grow in that file, never whole in memory
         from eval.index.store import attach_lists_on_disk, quiet_c_stdout
 
         attach_lists_on_disk(index, lists_file)
-        quiet = quiet_c_stdout()  # FAISS printf()s every resize of the file
-    with quiet:
+        adding = quiet_c_stdout   # FAISS printf()s every resize of the file
+    with adding():
         added = add_rows(index, plan, vectors, held, progress)
     if index.ntotal != n - len(held):
         raise RuntimeError(f"the add step left {index.ntotal} vectors in the index, not {n - len(held)}")
@@ -161,7 +161,7 @@ def build_index(vectors: np.ndarray, memory_budget: str | int = "4G", recall_tar
     tune_s = time.perf_counter() - tune_started
     order = None
     if len(held):
-        with quiet_c_stdout() if lists_file is not None else contextlib.nullcontext():
+        with adding():
             index.add(queries_unit)  # the held-out rows join the index last
         order = np.concatenate([np.setdiff1d(np.arange(n), held, assume_unique=True), held])
 

@@ -30,7 +30,6 @@ caption index stays in memory.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from data_prep.input_hash import file_sha256
 from eval.index.metadata import METADATA_FILE, Metadata, load_metadata, write_metadata
 from mmssl.errors import UserError
 
@@ -55,7 +55,6 @@ INDEX_FILES = {"image": INDEX_FILE, "text": TEXT_INDEX_FILE}    # modality -> it
 FORMAT_VERSION = 2
 MAX_INFO_BYTES = 16 * 2**20
 SEARCH_PARAMS = {"efSearch": 1 << 16, "nprobe": 1 << 24}   # knob -> largest value accepted from a file
-_HASH_CHUNK = 2**20
 
 
 @dataclass
@@ -87,16 +86,6 @@ class IndexFolder:
 
 def modalities_of(info: dict) -> tuple[str, ...]:
     return tuple(info.get("modalities") or ("image",))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(_HASH_CHUNK)    # one buffer reused: hashing a big file leaves no heap behind
-    view = memoryview(buffer)
-    with open(path, "rb") as handle:
-        while read := handle.readinto(buffer):
-            digest.update(view[:read])
-    return digest.hexdigest()
 
 
 def save_index_folder(out_dir: str | Path, index, info: dict, metadata: pa.Table, model: str | None,
