@@ -20,6 +20,7 @@ rank applies its own rows of the update, so the step is the unsharded one.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch.optim.adamw import adamw
@@ -56,8 +57,15 @@ def orthogonalize_all(matrices: list, steps: int = 5, dtype: torch.dtype = torch
     return results
 
 
+RESNET_STAGE = re.compile(r"(^|\.)visual\.layer\d+\.")   # open_clip ModifiedResNet's residual stages
+
+
 def is_block_matrix(name: str, param: torch.Tensor) -> bool:
-    """2-D weights inside open_clip transformer blocks (attention in/out, MLP)."""
+    """2-D weights inside open_clip transformer blocks (attention in/out, MLP), and the conv filters
+    of ResNet stages, orthogonalized as out x (in * kh * kw) matrices as in the CIFAR-10 speedruns
+    (the stem and the attention pool stay on AdamW)."""
+    if param.ndim == 4:
+        return RESNET_STAGE.search(name) is not None
     return param.ndim == 2 and ".resblocks." in f".{name}"
 
 
@@ -93,14 +101,16 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.mul_(beta).add_(param.grad)
             nesterov = param.grad.add(buf, alpha=beta)
             # train.fsdp: orthogonalize the whole matrix, each rank keeps its own rows (below)
-            directions.append(nesterov.full_tensor() if is_sharded(nesterov) else nesterov)
+            whole = nesterov.full_tensor() if is_sharded(nesterov) else nesterov
+            directions.append(whole.flatten(1))   # a conv filter bank as out x (in * kh * kw)
         updates = orthogonalize_all(directions, dtype=self.newton_schulz_dtype)
         for (param, group), update in zip(entries, updates):
+            scale = math.sqrt(max(1.0, update.shape[0] / update.shape[1]))
+            update = update.view(param.shape)
             if is_sharded(param):
                 from torch.distributed.tensor import distribute_tensor
 
                 update = distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
-            scale = math.sqrt(max(1.0, param.shape[0] / param.shape[1]))
             param.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw(self, params: list, group: dict) -> None:
