@@ -38,12 +38,15 @@ CONFIG = REPO / "configs" / "speedrun.yaml"
 DEFAULT_GRID = "tiny-rn-64:1e-3:30,tiny-rn-64:2e-3:20,tiny-vit-64:1e-3:30"
 
 
-def _throughput_bench():
-    """bench/train_throughput.py as a module (its anchor install and shard prep are shared)."""
+def _load_throughput_bench():
+    """bench/train_throughput.py as a module: its open_clip anchor install and helpers are shared."""
     spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+throughput = _load_throughput_bench()
 
 
 def main() -> None:
@@ -74,20 +77,18 @@ def main() -> None:
         result["note"] = "our recipe did not reach the target"
         print(json.dumps(result, indent=1))
         return
-    ours_s = max(reached) if len(reached) == len(ours) else None
     result["mmssl_time_to_target_s"] = {"median": sorted(reached)[len(reached) // 2], "worst": max(reached)}
     budget = args.budget_x * result["mmssl_time_to_target_s"]["worst"]
     result["anchor_budget_s"] = round(budget, 1)
-    bench = _throughput_bench()
-    bench.ensure_anchor()
+    throughput.ensure_anchor()
     precision = "amp_bf16" if _native_bf16() else "fp32"
     probes, anchors = {}, []
     for point in args.anchor_grid.split(","):
         name, lr, warmup = point.split(":")
         if name not in probes:
-            probes[name] = probe_anchor(bench, work / f"probe-{name}", world, name, recipe.train.batch_size,
+            probes[name] = probe_anchor(work / f"probe-{name}", world, name, recipe.train.batch_size,
                                         precision, args.anchor_chunk)
-        anchors.append(run_anchor(bench, work / f"anchor-{name}-{lr}-{warmup}", world, name, float(lr), int(warmup),
+        anchors.append(run_anchor(work / f"anchor-{name}-{lr}-{warmup}", world, name, float(lr), int(warmup),
                                   recipe.train.batch_size, precision, args, budget, probes[name]))
     result["anchor_probes"] = probes
     result["open_clip"] = anchors
@@ -100,7 +101,7 @@ def main() -> None:
         best = max(anchors, key=lambda a: a["best_val_acc1"])
         result["best_open_clip"] = {k: best[k] for k in ("model", "lr", "warmup", "best_val_acc1")}
         result["speedup"] = f"> {args.budget_x}: no anchor run reached {args.target} within the budget"
-    result["all_mmssl_runs_reached"] = ours_s is not None
+    result["all_mmssl_runs_reached"] = len(reached) == len(ours)
     result["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
 
@@ -123,24 +124,19 @@ def prepare_world(folder: Path) -> Path:
 
 def run_ours(folder: Path, world: Path, seed: int, target: float) -> dict:
     """`mmssl train --config configs/speedrun.yaml`; the first val record at or above `target`."""
-    _fresh(folder)
+    throughput._fresh(folder)
     command = [sys.executable, "-m", "mmssl", "train", "--config", str(CONFIG), f"data.train={world}/train",
                f"data.val={world}/val", f"train.output={folder}", f"train.seed={seed}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    crossing = None
-    while process.poll() is None and crossing is None:   # stop at the first crossing, once its checkpoint is saved
+    while process.poll() is None and _saved_crossing(folder, target) is None:
         time.sleep(1.0)
-        crossing = _first_crossing(folder, target)
-        if crossing and not (folder / "checkpoints" / f"step_{crossing[0]:06d}.pt").exists():
-            crossing = None
-    if process.poll() is None:
-        time.sleep(1.0)   # let the checkpoint's atomic rename settle
+    if process.poll() is None:   # crossed, and that step's checkpoint is saved: the rest is not needed
         process.terminate()
     process.wait()
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     curve = [[r["step"], r["train_wall_s"], round(r["val/acc1"], 4)] for r in records if "val/acc1" in r]
     crossing = next((point for point in curve if point[2] >= target), None)
-    checkpoint = folder / "checkpoints" / f"step_{crossing[0]:06d}.pt" if crossing else folder
+    checkpoint = _step_checkpoint(folder, crossing[0]) if crossing else folder
     return {"seed": seed, "time_to_target_s": crossing[1] if crossing else None,
             "step_at_target": crossing[0] if crossing else None,
             "val_s_total": round(sum(r.get("val_s", 0.0) for r in records), 1),
@@ -149,7 +145,12 @@ def run_ours(folder: Path, world: Path, seed: int, target: float) -> dict:
             "val_curve": curve}
 
 
-def _first_crossing(folder: Path, target: float):
+def _step_checkpoint(folder: Path, step: int) -> Path:
+    return folder / "checkpoints" / f"step_{step:06d}.pt"
+
+
+def _saved_crossing(folder: Path, target: float):
+    """The step of the run's first val record at or above `target`, once its checkpoint exists."""
     metrics = folder / "metrics.jsonl"
     if not metrics.exists():
         return None
@@ -159,7 +160,7 @@ def _first_crossing(folder: Path, target: float):
         except ValueError:   # a line still being written
             continue
         if record.get("val/acc1", 0.0) >= target:
-            return [record["step"]]
+            return record["step"] if _step_checkpoint(folder, record["step"]).exists() else None
     return None
 
 
@@ -172,7 +173,7 @@ def zeroshot_acc1(checkpoint: str, data: Path) -> float:
     return round(run_zeroshot(loaded, str(data), workers=0)["result"]["metrics"]["acc1"], 4)
 
 
-def _anchor_command(bench, name: str, world: Path, batch: int, precision: str, chunk: int, epochs: int,
+def _anchor_command(name: str, world: Path, batch: int, precision: str, chunk: int, epochs: int,
                     lr: float, warmup: int, folder: Path) -> list:
     shards = sorted((world / "train").glob("*.tar"))
     pattern = f"{world / 'train'}/{{{shards[0].stem}..{shards[-1].stem}}}.tar"
@@ -186,30 +187,30 @@ def _anchor_command(bench, name: str, world: Path, batch: int, precision: str, c
     ]
 
 
-def _run_anchor_process(bench, command: list, folder: Path, budget_s: float = 0.0) -> list:
-    _fresh(folder)
+def _run_anchor_process(command: list, folder: Path, budget_s: float = 0.0) -> list:
+    throughput._fresh(folder)
     snapshots = folder / "snapshots"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bench.ANCHOR), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(throughput.ANCHOR), os.environ.get("PYTHONPATH", "")]),
            "MMSSL_ANCHOR_SNAPSHOTS": str(snapshots), "MMSSL_ANCHOR_BUDGET_S": str(budget_s)}
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in (snapshots / "clock.jsonl").read_text().splitlines()]
 
 
-def probe_anchor(bench, folder: Path, world: Path, name: str, batch: int, precision: str, chunk: int) -> dict:
+def probe_anchor(folder: Path, world: Path, name: str, batch: int, precision: str, chunk: int) -> dict:
     """open_clip's seconds per step and fixed start-up on this model, from two chunks."""
-    command = _anchor_command(bench, name, world, batch, precision, chunk, 2, 1e-3, 1, folder)
-    clock = _run_anchor_process(bench, command, folder)
+    command = _anchor_command(name, world, batch, precision, chunk, 2, 1e-3, 1, folder)
+    clock = _run_anchor_process(command, folder)
     per_step = (clock[1]["train_wall_s"] - clock[0]["train_wall_s"]) / chunk
     shutil.rmtree(folder, ignore_errors=True)
     return {"step_s": round(per_step, 4), "startup_s": round(clock[0]["train_wall_s"] - chunk * per_step, 2)}
 
 
-def run_anchor(bench, folder: Path, world: Path, name: str, lr: float, warmup: int, batch: int, precision: str,
+def run_anchor(folder: Path, world: Path, name: str, lr: float, warmup: int, batch: int, precision: str,
                args, budget_s: float, probe: dict) -> dict:
     """One open_clip run whose schedule fills the budget; its snapshots scored in order."""
     epochs = max(2, math.floor((budget_s - probe["startup_s"]) / probe["step_s"] / args.anchor_chunk))
-    command = _anchor_command(bench, name, world, batch, precision, args.anchor_chunk, epochs, lr, warmup, folder)
-    clock = _run_anchor_process(bench, command, folder, budget_s)
+    command = _anchor_command(name, world, batch, precision, args.anchor_chunk, epochs, lr, warmup, folder)
+    clock = _run_anchor_process(command, folder, budget_s)
     curve, crossing = [], None
     for point in clock:
         snapshot = folder / "snapshots" / f"epoch_{point['epoch']}.pt"
@@ -228,11 +229,6 @@ def run_anchor(bench, folder: Path, world: Path, name: str, lr: float, warmup: i
             "time_to_target_s": crossing["train_wall_s"] if crossing else None,
             "step_at_target": crossing["step"] if crossing else None,
             "best_val_acc1": best[2], "heldout_acc1": heldout, "val_curve": curve}
-
-
-def _fresh(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
 
 
 if __name__ == "__main__":
