@@ -116,10 +116,10 @@ def main() -> None:
         if not args.no_autofaiss:
             anchor, indexes["autofaiss"] = _autofaiss(vectors, Path(work), args.memory_budget)
 
-        batch = _alternate(lambda ix: _batch_qps(ix, test_queries, k), indexes, args.rounds)
+        batch = _alternate(lambda name, ix: _batch_qps(ix, test_queries, k), indexes, args.rounds)
         single_counts = {name: args.single_queries * (1 if name == "exact_flat_ip" else 10) for name in indexes}
         single = _alternate(lambda name, ix: _single_qps(ix, test_queries, k, single_counts[name]), indexes,
-                            args.rounds, by_name=True)
+                            args.rounds)
         recall = recall_at_k(index.search(test_queries, k)[1], truth)
         exact_recall = recall_at_k(exact.search(test_queries, k)[1], truth)
         if not args.no_autofaiss:
@@ -223,13 +223,13 @@ class _RowIds:
         return scores, np.where(ids >= 0, self.order[np.maximum(ids, 0)], -1)
 
 
-def _alternate(measure, indexes: dict, rounds: int, by_name: bool = False) -> dict:
+def _alternate(measure, indexes: dict, rounds: int) -> dict:
     """queries/s of each index, measured in turn (a, b, c, a, b, c, ...) and averaged per index;
-    `measure` takes the index (or, with `by_name`, its name and the index)."""
+    `measure` takes the index's name and the index."""
     runs = {name: [] for name in indexes}
     for _ in range(rounds):
         for name, index in indexes.items():
-            runs[name].append(measure(name, index) if by_name else measure(index))
+            runs[name].append(measure(name, index))
     return {name: round(float(np.mean(values)), 1) for name, values in runs.items()}
 
 
