@@ -3,11 +3,12 @@ attention kernel choice."""
 import pytest
 import torch
 
-from helpers import micro_model_config, write_micro_model
+from helpers import CPU, config, micro_model_config, write_micro_model
 from mmssl.models import create_model
 from mmssl.models.text_trim import can_trim, encode_text, trimmed_length
 from mmssl.train import allocator
 from mmssl.train.attention import MATH_MAX_TOKENS, longest_sequence, training_attention
+from mmssl.train.loop import _channels_last_conv_tower, build_trainer
 
 CAPTIONS = ["a red circle", "a small blue star in the top left corner", "there is a green cross and a pink diamond"]
 
@@ -79,3 +80,29 @@ def test_allocator_tuning_applies_on_glibc_and_is_a_no_op_without_it(monkeypatch
 
     monkeypatch.setattr(allocator.ctypes, "CDLL", no_libc)
     assert allocator.keep_freed_memory() is False
+
+
+def test_channels_last_resnet_tower_gives_the_same_features_and_gradients():
+    torch.manual_seed(0)
+    reference = create_model("tiny-rn-64")
+    converted = create_model("tiny-rn-64")
+    converted.load_state_dict(reference.state_dict())
+    assert _channels_last_conv_tower(converted)
+    stage_filter = converted.visual.layer1[0].conv2.weight   # 3x3 (a 1x1 filter is both layouts)
+    assert stage_filter.is_contiguous(memory_format=torch.channels_last) and not stage_filter.is_contiguous()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for model in (reference, converted):
+        model.train()
+        model.encode_image(images).square().sum().backward()
+    assert torch.allclose(converted.encode_image(images), reference.encode_image(images), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(reference.visual.named_parameters(), converted.visual.parameters()):
+        # summation order differs, nothing else (the key bias's true gradient is zero: softmax ignores it)
+        assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-5, name
+    vit = create_model("tiny-vit-64")
+    assert not _channels_last_conv_tower(vit) and vit.visual.conv1.weight.is_contiguous()
+
+
+def test_cpu_trainer_keeps_a_resnet_tower_channels_last(world, tmp_path):
+    trainer = build_trainer(config(world, tmp_path / "run", "model.name=tiny-rn-64", "train.steps=1"), CPU)
+    weight = trainer.objective.model.visual.layer2[0].conv2.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
